@@ -1,0 +1,99 @@
+"""The one configuration object of the service.
+
+Every knob is read once, here, from ``XMODAL_*`` environment variables (``__`` separates nested
+fields, e.g. ``XMODAL_WORKER__BATCH_SIZE=64``) or passed explicitly, validated at start-up, and
+handed down as typed objects. Nothing below ``service`` reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from index.gallery import GalleryConfig
+from index.qbnorm import QBNormConfig
+
+Modality = Literal["image", "video", "text"]
+MODALITIES: tuple[Modality, ...] = ("image", "video", "text")
+
+
+class ModelSettings(BaseModel):
+    """Which encoder serves queries and ingestion."""
+
+    name: str | None = None  # a name from models.list_models(); None = the shipped default
+    checkpoint: Path | None = None  # a local .safetensors checkpoint; its config wins over name
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None = cuda when available, else cpu
+    query_batch_size: int = Field(32, ge=1)  # micro-batch cap for concurrent text queries
+    query_batch_wait_ms: float = Field(5.0, ge=0)  # how long a query waits for batch-mates
+    threads: int = Field(4, ge=1)  # thread pool for blocking model / FAISS work
+
+
+class IngestSettings(BaseModel):
+    """Limits on what POST /ingest accepts."""
+
+    max_batch_items: int = Field(256, ge=1)  # items per POST /ingest
+    max_body_mb: float = Field(64.0, gt=0)  # request body cap
+    max_image_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard
+    max_text_chars: int = Field(2_000, ge=1)  # longer text is rejected, not truncated
+    max_video_seconds: float = Field(600.0, gt=0)
+    media_root: Path | None = None  # items may give a `path` only inside this folder
+    allow_urls: bool = False  # fetching media from URLs is off by default
+    video_segment_seconds: float = Field(4.0, gt=0)  # one vector per segment of this length
+    video_frames_per_segment: int = Field(4, ge=1)
+
+
+class WorkerSettings(BaseModel):
+    """The ingestion worker: dynamic batching and delivery guarantees."""
+
+    batch_size: int = Field(32, ge=1)  # items encoded together, across jobs
+    batch_wait_ms: int = Field(200, ge=0)  # how long to wait to fill a batch
+    max_deliveries: int = Field(3, ge=1)  # after this many failed tries: dead-letter
+    claim_idle_ms: int = Field(60_000, ge=1)  # reclaim messages pending longer than this
+    consumer: str = Field(default_factory=socket.gethostname)  # consumer name in the group
+    embedded: bool = True  # serve runs an in-process worker when no Redis URL is set
+
+
+class AuthSettings(BaseModel):
+    """Optional API keys: with none configured, the API is open."""
+
+    read_keys: list[str] = Field(default_factory=list)  # may search and read
+    write_keys: list[str] = Field(default_factory=list)  # may also ingest, delete, edit the bank
+
+
+class Settings(BaseSettings):
+    """xmodal configuration (env prefix ``XMODAL_``, nested with ``__``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="XMODAL_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    data_dir: Path = Path("data")  # index, local queue, job store and file querybank live here
+    redis_url: str | None = None  # unset = embedded mode (local queue, file querybank)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "INFO"
+    log_json: bool = True
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    index: GalleryConfig = Field(default_factory=GalleryConfig)
+    qbnorm: QBNormConfig = Field(default_factory=QBNormConfig)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"XMODAL_REDIS_URL must start with redis://, rediss:// or unix://, got {value!r}")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis is configured: local queue, file querybank, in-process worker."""
+        return self.redis_url is None
