@@ -55,6 +55,7 @@ class WorkerSettings(BaseModel):
     claim_idle_ms: int = Field(60_000, ge=1)  # reclaim messages pending longer than this
     consumer: str = Field(default_factory=socket.gethostname)  # consumer name in the group
     embedded: bool = True  # serve runs an in-process worker when no Redis URL is set
+    metrics_port: int = Field(9100, ge=0, le=65535)  # `xmodal worker` serves /metrics here; 0 = off
 
 
 class AuthSettings(BaseModel):
