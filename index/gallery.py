@@ -1,0 +1,888 @@
+"""Galleries: one modality's durable item store over a FAISS index.
+
+A :class:`Gallery` holds :class:`Record` items (``K`` L2-normalised vectors each: one for an
+image, one per segment for a video, ``K`` slots for a set-embedding model) and answers
+item-level inner-product searches. Every vector is indexed under its own int64 id
+(``IndexIDMap2``); a vector id maps back to ``(item id, slot)``, and a search keeps the best
+vector per item (remembering which segment won).
+
+Durability: ``upsert``/``remove`` append one CRC-framed record to the write-ahead log and
+fsync it before changing memory or returning, so an acknowledged change survives a crash at
+any point. Snapshots (records + serialized FAISS index) are written atomically; the log is
+rotated to a new generation first and old generations are deleted only after the snapshot
+that covers them is durable. Start-up = newest snapshot + replay of the newer logs (a torn
+final record is detected by its CRC and dropped; it was never acknowledged).
+
+Files under ``path``: ``snapshot.<gen>.bin``, ``index.<gen>.faiss``, ``log.<gen>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import faiss
+import numpy as np
+from pydantic import BaseModel, Field
+
+from index.log import WriteAheadLog, atomic_write, fsync_dir
+
+logger = logging.getLogger(__name__)
+
+NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed for "L2-normalised" vectors
+_SNAPSHOT_MAGIC = b"XMGS0001"
+_U64 = struct.Struct("<Q")
+
+
+class GalleryConfig(BaseModel):
+    """Index knobs for one gallery (nested in the service ``Settings`` as ``index``)."""
+
+    factory: str = Field(
+        default="auto",
+        description='FAISS factory string ("Flat", "HNSW32", "IVF4096,PQ64,RFlat", ...) or '
+        '"auto": exact below auto_threshold vectors, HNSW32 below ivfpq_threshold, else IVF-PQ',
+    )
+    auto_threshold: int = Field(
+        default=50_000, description="auto: exact search below this many vectors"
+    )
+    ivfpq_threshold: int = Field(
+        default=1_000_000, description="auto: IVF-PQ at or above this many"
+    )
+    ef_search: int = Field(
+        default=64, description="HNSW efSearch start value (raised to min_recall)"
+    )
+    nprobe: int = Field(default=16, description="IVF nprobe start value (raised to min_recall)")
+    min_recall: float = Field(default=0.95, description="recall@10 vs exact kept at (re)build")
+    recall_sample: int = Field(default=200, description="queries sampled to measure recall@10")
+    use_gpu: bool | None = Field(default=None, description="None = use a GPU when faiss has one")
+    snapshot_every: int = Field(
+        default=10_000, description="log records between automatic snapshots"
+    )
+    fsync: bool = Field(default=True, description="fsync the log and snapshots (off only in tests)")
+
+
+@dataclass
+class Record:
+    """One item: ``vectors [K,D]`` float32, L2-normalised (one per segment or slot)."""
+
+    id: str
+    vectors: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+    segments: list[tuple[float, float]] | None = None
+
+    def __post_init__(self) -> None:
+        v = np.asarray(self.vectors, dtype=np.float32)
+        if v.ndim == 1:
+            v = v[None, :]
+        self.vectors = v
+        if self.segments is not None:
+            self.segments = [(float(a), float(b)) for a, b in self.segments]
+        if not self.content_hash:
+            self.content_hash = content_hash(self.vectors, self.metadata, self.segments)
+
+
+def content_hash(
+    vectors: np.ndarray, metadata: dict[str, Any], segments: list[tuple[float, float]] | None
+) -> str:
+    """Default content hash: sha1 of the vectors, metadata and segments."""
+    h = hashlib.sha1(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+    h.update(json.dumps([metadata, segments], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result. ``score``: raw cosine (or Smooth-Chamfer for set models);
+    ``segment``: index of the winning segment for segmented items; ``norm_score``: the
+    QB-Norm score when a normaliser was applied (see ``index.qbnorm``)."""
+
+    id: str
+    score: float
+    segment: int | None = None
+    norm_score: float | None = None
+
+
+Listener = Callable[[list[Record], list[str]], None]
+
+
+# --------------------------------------------------------------------------------------
+# VectorIndex: a FAISS index over int64 vector ids
+# --------------------------------------------------------------------------------------
+
+
+def gpu_available() -> bool:
+    """True when this faiss build has GPU support and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def auto_factory(n_vectors: int, dim: int, config: GalleryConfig) -> str:
+    """The factory string ``"auto"`` resolves to for a gallery of ``n_vectors``."""
+    if n_vectors < config.auto_threshold:
+        return "Flat"
+    if n_vectors < config.ivfpq_threshold:
+        return "HNSW32"
+    nlist = int(2 ** round(math.log2(4 * math.sqrt(n_vectors))))
+    m = max(d for d in (64, 48, 32, 16, 8) if dim % d == 0) if dim % 8 == 0 else 8
+    return f"IVF{nlist},PQ{m},RFlat"
+
+
+class VectorIndex:
+    """FAISS inner-product index over int64 vector ids, with query-time knob tuning.
+
+    Indexes that cannot remove vectors (HNSW, refined IVF) get tombstones: removed ids stay
+    in FAISS and callers skip them; the owner rebuilds when tombstones pile up.
+    """
+
+    def __init__(self, dim: int, factory: str, use_gpu: bool | None = None) -> None:
+        self.dim = dim
+        self.factory = factory
+        spec = factory if factory.startswith("IDMap") else f"IDMap2,{factory}"
+        self.index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+        self.tombstones: set[int] = set()
+        self.params: dict[str, int] = {}
+        self._can_remove = True
+        self._gpu = bool(gpu_available() if use_gpu is None else use_gpu)
+        if self._gpu and not gpu_available():
+            raise RuntimeError("use_gpu=True but faiss has no GPU support or sees no GPU")
+        self._gpu_res: Any = None
+
+    @property
+    def kind(self) -> str:
+        f = self.factory.upper()
+        return "hnsw" if "HNSW" in f else "ivf" if "IVF" in f else "flat"
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    def train(self, x: np.ndarray) -> None:
+        self.index.train(np.ascontiguousarray(x, dtype=np.float32))
+        self._maybe_to_gpu()
+
+    def _maybe_to_gpu(self) -> None:
+        # HNSW has no GPU implementation; Flat and IVF move after training.
+        if self._gpu and self.kind != "hnsw" and self.is_trained and self._gpu_res is None:
+            self._gpu_res = faiss.StandardGpuResources()  # type: ignore[attr-defined]
+            self.index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)  # type: ignore[attr-defined]
+
+    def add(self, vids: np.ndarray, x: np.ndarray) -> None:
+        if not self.is_trained:
+            self.train(x)
+        self._maybe_to_gpu()
+        self.index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), vids.astype(np.int64))
+
+    def remove(self, vids: Iterable[int]) -> None:
+        ids = np.fromiter(vids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        if self._can_remove:
+            try:
+                self.index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
+                return
+            except RuntimeError:
+                logger.info("index %s cannot remove ids; using tombstones", self.factory)
+                self._can_remove = False
+        self.tombstones.update(int(i) for i in ids)
+
+    def set_param(self, name: str, value: int) -> None:
+        faiss.ParameterSpace().set_index_parameter(self.index, name, value)
+        self.params[name] = value
+
+    def search(self, x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        n = max(1, min(n, self.ntotal))
+        if self.kind == "hnsw":
+            # efSearch below n makes HNSW return fewer than n results.
+            ef = max(self.params.get("efSearch", 16), n)
+            faiss.ParameterSpace().set_index_parameter(self.index, "efSearch", ef)
+        scores, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), n)
+        if self.kind == "hnsw" and "efSearch" in self.params:
+            faiss.ParameterSpace().set_index_parameter(
+                self.index, "efSearch", self.params["efSearch"]
+            )
+        return scores, ids
+
+    def serialize(self) -> np.ndarray:
+        index = self.index
+        if self._gpu_res is not None:
+            index = faiss.index_gpu_to_cpu(index)  # type: ignore[attr-defined]
+        return faiss.serialize_index(index)
+
+    @classmethod
+    def deserialize(
+        cls, data: np.ndarray, dim: int, factory: str, use_gpu: bool | None = None
+    ) -> VectorIndex:
+        self = cls.__new__(cls)
+        self.dim = dim
+        self.factory = factory
+        self.index = faiss.deserialize_index(data)
+        self.tombstones = set()
+        self.params = {}
+        self._can_remove = True
+        self._gpu = bool(gpu_available() if use_gpu is None else use_gpu)
+        self._gpu_res = None
+        self._maybe_to_gpu()
+        return self
+
+    def tune(
+        self,
+        vids: np.ndarray,
+        vectors: np.ndarray,
+        config: GalleryConfig,
+        seed: int = 0,
+    ) -> float:
+        """Raise efSearch / nprobe (and k_factor) until recall@10 vs exact ≥ min_recall.
+
+        ``vectors [N,D]`` are the live vectors under ``vids``; queries are a sample of them
+        with small noise (exact duplicates would make recall trivially 1). Returns the recall.
+        """
+        if self.kind == "flat" or len(vids) == 0:
+            return 1.0
+        rng = np.random.default_rng(seed)
+        nq = min(config.recall_sample, len(vids))
+        q = vectors[rng.choice(len(vids), nq, replace=False)]
+        q = q + rng.normal(scale=0.5 / math.sqrt(self.dim), size=q.shape).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        k = min(10, len(vids))
+        truth = exact_topk(q, vectors, k)[1]
+        truth_ids = vids[truth]
+        knob, start = (
+            ("efSearch", config.ef_search) if self.kind == "hnsw" else ("nprobe", config.nprobe)
+        )
+        value, recall = start, 0.0
+        limit = 4096 if knob == "efSearch" else max(start, _ivf_nlist(self.index))
+        while True:
+            self.set_param(knob, value)
+            if "RFLAT" in self.factory.upper() or "REFINE" in self.factory.upper():
+                self.set_param("k_factor", 4)
+            _, found = self.search(q, k + len(self.tombstones))
+            recall = float(
+                np.mean(
+                    [
+                        len(set(truth_ids[i]) & set(found[i][: k + len(self.tombstones)])) / k
+                        for i in range(nq)
+                    ]
+                )
+            )
+            if recall >= config.min_recall or value >= limit:
+                break
+            value = min(limit, value * 2)
+        logger.info("tuned %s: %s=%d recall@10=%.3f", self.factory, knob, value, recall)
+        if recall < config.min_recall:
+            logger.warning("index %s reaches only recall@10=%.3f", self.factory, recall)
+        return recall
+
+
+def _ivf_nlist(index: Any) -> int:
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return 1
+
+
+def exact_topk(
+    q: np.ndarray, x: np.ndarray, k: int, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k (scores, row indices), chunked over ``x``."""
+    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for start in range(0, len(x), chunk):
+        s = q @ x[start : start + chunk].T
+        s_all = np.concatenate([best_s, s], axis=1)
+        i_all = np.concatenate(
+            [best_i, np.arange(start, start + s.shape[1])[None].repeat(len(q), 0)], 1
+        )
+        kk = min(k, s_all.shape[1])
+        part = np.argpartition(-s_all, kk - 1, axis=1)[:, :kk]
+        best_s = np.take_along_axis(s_all, part, 1)
+        best_i = np.take_along_axis(i_all, part, 1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+
+
+# --------------------------------------------------------------------------------------
+# Gallery
+# --------------------------------------------------------------------------------------
+
+
+def _check_vectors(v: np.ndarray, dim: int, num_vectors: int, item_id: str) -> np.ndarray:
+    if v.ndim != 2 or v.shape[1] != dim:
+        raise ValueError(f"item {item_id!r}: vectors must be [K,{dim}], got {list(v.shape)}")
+    if v.shape[0] == 0:
+        raise ValueError(f"item {item_id!r}: at least one vector is required")
+    if num_vectors > 1 and v.shape[0] != num_vectors:
+        raise ValueError(
+            f"item {item_id!r}: set items need {num_vectors} vectors, got {v.shape[0]}"
+        )
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"item {item_id!r}: vectors contain NaN or inf")
+    norms = np.linalg.norm(v, axis=1)
+    if np.any(np.abs(norms - 1.0) > NORM_TOLERANCE):
+        raise ValueError(
+            f"item {item_id!r}: vectors must be L2-normalised (norms {norms.min():.4f}..)"
+        )
+    out = np.array(v, dtype=np.float32, order="C", copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def _matches(metadata: dict[str, Any], flt: dict[str, Any] | None) -> bool:
+    return flt is None or all(metadata.get(key) == value for key, value in flt.items())
+
+
+def _pack(header: dict[str, Any], blobs: list[bytes]) -> bytes:
+    h = json.dumps(header, separators=(",", ":")).encode()
+    return _U64.pack(len(h)) + h + b"".join(blobs)
+
+
+def _unpack(payload: bytes) -> tuple[dict[str, Any], memoryview]:
+    (n,) = _U64.unpack_from(payload, 0)
+    header = json.loads(payload[8 : 8 + n])
+    return header, memoryview(payload)[8 + n :]
+
+
+class Gallery:
+    """Durable, thread-safe item store for one modality (see the module docstring).
+
+    Args:
+        path: directory holding the snapshot, index and log files (created if missing).
+        dim: vector dimension ``D``.
+        num_vectors: ``K`` for set-embedding models (every item has exactly K slot vectors);
+            1 for single-vector models, where video items may carry one vector per segment.
+        config: index and durability knobs.
+    """
+
+    def __init__(
+        self, path: Path, dim: int, num_vectors: int = 1, config: GalleryConfig | None = None
+    ) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.dim = dim
+        self.num_vectors = num_vectors
+        self.config = config or GalleryConfig()
+        self._lock = threading.RLock()
+        self._items: dict[str, Record] = {}
+        self._vids: dict[str, np.ndarray] = {}
+        self._owner: dict[int, tuple[str, int]] = {}
+        self._next_vid = 0
+        self._version = 0
+        self.applied_offset: str | None = None
+        self._gen = 0
+        self._since_snapshot = 0
+        self._listeners: list[Listener] = []
+        self._index = self._new_index(0)
+        self._log: WriteAheadLog
+        self._open()
+
+    # ---- properties -------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """Monotonic change counter (persisted; bumped once per applied upsert/remove)."""
+        return self._version
+
+    @property
+    def factory(self) -> str:
+        return self._index.factory
+
+    @property
+    def index_params(self) -> dict[str, int]:
+        return dict(self._index.params)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._items
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+    def get(self, item_id: str) -> Record | None:
+        return self._items.get(item_id)
+
+    def records(self) -> list[Record]:
+        """A consistent list of every record (the arrays are read-only, never mutated)."""
+        with self._lock:
+            return list(self._items.values())
+
+    def iter_vectors(
+        self, batch_items: int = 4096
+    ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+        """Yield ``(ids, vectors [n_vec,D], offsets [len(ids)+1])`` batches over every item;
+        item ``i``'s vectors are ``vectors[offsets[i]:offsets[i+1]]``."""
+        records = self.records()
+        for start in range(0, len(records), batch_items):
+            chunk = records[start : start + batch_items]
+            counts = np.array([len(r.vectors) for r in chunk], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            yield [r.id for r in chunk], np.concatenate([r.vectors for r in chunk]), offsets
+
+    def vectors_matrix(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Every item's vectors at once: ``(ids, vectors [n_vec,D], offsets)``."""
+        ids: list[str] = []
+        parts: list[np.ndarray] = []
+        counts: list[int] = []
+        for r in self.records():
+            ids.append(r.id)
+            parts.append(r.vectors)
+            counts.append(len(r.vectors))
+        vectors = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        return ids, vectors, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def add_listener(self, fn: Listener) -> None:
+        """Call ``fn(upserted_records, removed_ids)`` after each applied change (under the
+        gallery lock; a replaced item appears in ``upserted`` only)."""
+        with self._lock:
+            self._listeners.append(fn)
+
+    def remove_listener(self, fn: Listener) -> None:
+        with self._lock:
+            self._listeners.remove(fn)
+
+    # ---- changes ----------------------------------------------------------------------
+
+    def upsert(self, records: Iterable[Record], offset: str | None = None) -> int:
+        """Insert or replace items; returns after the change is fsync'd to the log.
+
+        Same id + same ``content_hash`` is a no-op. ``offset`` (e.g. a Redis stream id) is
+        persisted atomically with the change so a replica can resume from it. Returns the
+        number of items inserted or replaced.
+        """
+        with self._lock:
+            staged: dict[str, Record] = {}
+            for r in records:
+                vectors = _check_vectors(r.vectors, self.dim, self.num_vectors, r.id)
+                rec = Record(r.id, vectors, dict(r.metadata), r.content_hash, r.segments)
+                if rec.segments is not None and len(rec.segments) != len(vectors):
+                    raise ValueError(
+                        f"item {r.id!r}: {len(rec.segments)} segments for {len(vectors)} vectors"
+                    )
+                old = self._items.get(rec.id)
+                if old is not None and old.content_hash == rec.content_hash:
+                    staged.pop(rec.id, None)
+                    continue
+                staged[rec.id] = rec
+            changes = list(staged.values())
+            if not changes and (offset is None or offset == self.applied_offset):
+                return 0
+            header = {
+                "op": "u",
+                "offset": offset,
+                "items": [
+                    {
+                        "id": r.id,
+                        "hash": r.content_hash,
+                        "meta": r.metadata,
+                        "seg": r.segments,
+                        "k": len(r.vectors),
+                    }
+                    for r in changes
+                ],
+            }
+            self._log.append([_pack(header, [r.vectors.tobytes() for r in changes])])
+            self._apply_upsert(changes, offset)
+            self._after_change(changes, [])
+            return len(changes)
+
+    def remove(self, ids: Iterable[str], offset: str | None = None) -> int:
+        """Remove items (unknown ids are ignored); durable on return. Returns how many."""
+        with self._lock:
+            present = list(dict.fromkeys(i for i in ids if i in self._items))
+            if not present and (offset is None or offset == self.applied_offset):
+                return 0
+            self._log.append([_pack({"op": "r", "ids": present, "offset": offset}, [])])
+            self._apply_remove(present, offset)
+            self._after_change([], present)
+            return len(present)
+
+    def _after_change(self, upserted: list[Record], removed: list[str]) -> None:
+        if upserted or removed:
+            for fn in self._listeners:
+                fn(upserted, removed)
+        self._since_snapshot += 1
+        self._maybe_rebuild()
+        if self.config.snapshot_every and self._since_snapshot >= self.config.snapshot_every:
+            self.snapshot()
+
+    def _apply_upsert(self, records: list[Record], offset: str | None) -> None:
+        if records:
+            replaced = [r.id for r in records if r.id in self._items]
+            self._drop(replaced)
+            counts = [len(r.vectors) for r in records]
+            vids = np.arange(self._next_vid, self._next_vid + sum(counts), dtype=np.int64)
+            self._next_vid += sum(counts)
+            start = 0
+            for r, n in zip(records, counts, strict=True):
+                self._items[r.id] = r
+                self._vids[r.id] = vids[start : start + n]
+                for slot in range(n):
+                    self._owner[int(vids[start + slot])] = (r.id, slot)
+                start += n
+            self._index.add(vids, np.concatenate([r.vectors for r in records]))
+            self._version += 1
+        if offset is not None:
+            self.applied_offset = offset
+
+    def _apply_remove(self, ids: list[str], offset: str | None) -> None:
+        if ids:
+            self._drop(ids)
+            self._version += 1
+        if offset is not None:
+            self.applied_offset = offset
+
+    def _drop(self, ids: list[str]) -> None:
+        dead: list[int] = []
+        for item_id in ids:
+            self._items.pop(item_id)
+            for vid in self._vids.pop(item_id):
+                self._owner.pop(int(vid))
+                dead.append(int(vid))
+        self._index.remove(dead)
+
+    # ---- index lifecycle --------------------------------------------------------------
+
+    def _new_index(self, n_vectors: int) -> VectorIndex:
+        factory = self.config.factory
+        if factory == "auto":
+            factory = auto_factory(n_vectors, self.dim, self.config)
+        return VectorIndex(self.dim, factory, self.config.use_gpu)
+
+    def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        vids = [self._vids[r.id] for r in self._items.values()]
+        if not vids:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return np.concatenate(vids), np.concatenate([r.vectors for r in self._items.values()])
+
+    def _maybe_rebuild(self) -> None:
+        n = len(self._owner)
+        kind, cfg = self._index.kind, self.config
+        # "auto" only grows to a bigger index type on its own; rebuild() re-chooses freely.
+        grow = cfg.factory == "auto" and (
+            (kind == "flat" and n >= cfg.auto_threshold)
+            or (kind == "hnsw" and n >= cfg.ivfpq_threshold)
+        )
+        if grow or len(self._index.tombstones) > max(1000, n // 4):
+            self.rebuild()
+
+    def rebuild(self) -> None:
+        """Rebuild the FAISS index from the records (re-choosing "auto") and re-tune it."""
+        with self._lock:
+            t0 = time.perf_counter()
+            vids, vectors = self._live_vectors()
+            index = self._new_index(len(vids))
+            if len(vids):
+                if not index.is_trained:
+                    rng = np.random.default_rng(0)
+                    sample = vectors[
+                        rng.choice(len(vectors), min(len(vectors), 200_000), replace=False)
+                    ]
+                    index.train(sample)
+                index.add(vids, vectors)
+                index.tune(vids, vectors, self.config)
+            self._index = index
+            logger.info(
+                "gallery %s: rebuilt %s over %d vectors in %.1fs",
+                self.path,
+                index.factory,
+                len(vids),
+                time.perf_counter() - t0,
+            )
+
+    # ---- search -----------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        filter: dict[str, Any] | None = None,
+        shortlist: int | None = None,
+    ) -> list[list[Hit]]:
+        """Top-``k`` items per query, best vector per item, optional metadata equality filter.
+
+        ``queries``: ``[Q,D]`` (or ``[D]``); for set models ``[Q,K,D]`` (max-similarity
+        shortlist of ``shortlist`` items re-ranked exactly with Smooth-Chamfer).
+        """
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 3 or self.num_vectors > 1:
+            from index.multivector import search_multivector
+
+            if q.ndim == 2 and self.num_vectors > 1 and q.shape[0] == self.num_vectors:
+                q = q[None]
+            return search_multivector(self, q, k, filter=filter, shortlist=shortlist)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be [Q,{self.dim}], got {list(q.shape)}")
+        return self.search_vectors(q, k, filter)
+
+    def search_vectors(
+        self, q: np.ndarray, k: int, filter: dict[str, Any] | None = None
+    ) -> list[list[Hit]]:
+        """Item-level top-``k`` for single-vector queries ``[Q,D]`` (max over an item's vectors)."""
+        with self._lock:
+            n_live = len(self._owner)
+            if k <= 0 or n_live == 0 or len(q) == 0:
+                return [[] for _ in range(len(q))]
+            ntotal = self._index.ntotal
+            per_item = n_live / max(1, len(self._items))
+            fetch = int(k * per_item * (4 if filter else 1.5)) + len(self._index.tombstones) + 8
+            results: list[list[Hit] | None] = [None] * len(q)
+            pending = np.arange(len(q))
+            while len(pending):
+                fetch = min(fetch, ntotal)
+                if filter is not None and fetch * 4 > ntotal:
+                    # Few items match: exact scan over the matching items is cheaper and exact.
+                    for row, hits in zip(
+                        pending, self._exact_filtered(q[pending], k, filter), strict=True
+                    ):
+                        results[row] = hits
+                    break
+                scores, vids = self._index.search(q[pending], fetch)
+                still = []
+                for j, row in enumerate(pending):
+                    hits = self._collect(scores[j], vids[j], k, filter)
+                    if len(hits) >= k or fetch >= ntotal or len(hits) >= len(self._items):
+                        results[row] = hits
+                    else:
+                        still.append(row)
+                pending = np.array(still, dtype=np.int64)
+                fetch *= 4
+            return [r if r is not None else [] for r in results]
+
+    def _collect(
+        self, scores: np.ndarray, vids: np.ndarray, k: int, flt: dict[str, Any] | None
+    ) -> list[Hit]:
+        hits: list[Hit] = []
+        seen: set[str] = set()
+        for s, vid in zip(scores.tolist(), vids.tolist(), strict=True):
+            owner = self._owner.get(vid)
+            if owner is None:  # -1 padding or a tombstone
+                continue
+            item_id, slot = owner
+            if item_id in seen:
+                continue
+            seen.add(item_id)
+            rec = self._items[item_id]
+            if not _matches(rec.metadata, flt):
+                continue
+            hits.append(Hit(item_id, float(s), slot if rec.segments is not None else None))
+            if len(hits) == k:
+                break
+        return hits
+
+    def _exact_filtered(self, q: np.ndarray, k: int, flt: dict[str, Any]) -> list[list[Hit]]:
+        recs = [r for r in self._items.values() if _matches(r.metadata, flt)]
+        if not recs:
+            return [[] for _ in range(len(q))]
+        counts = np.array([len(r.vectors) for r in recs])
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        s = q @ np.concatenate([r.vectors for r in recs]).T  # [Q, n_vec]
+        best = np.maximum.reduceat(s, offsets, axis=1)  # [Q, n_items]
+        out = []
+        for row in range(len(q)):
+            order = np.argsort(-best[row], kind="stable")[:k]
+            hits = []
+            for i in order:
+                r = recs[i]
+                seg = None
+                if r.segments is not None:
+                    seg = int(np.argmax(s[row, offsets[i] : offsets[i] + counts[i]]))
+                hits.append(Hit(r.id, float(best[row, i]), seg))
+            out.append(hits)
+        return out
+
+    # ---- persistence ------------------------------------------------------------------
+
+    def _files(self, prefix: str) -> dict[int, Path]:
+        out = {}
+        for p in self.path.glob(f"{prefix}.*"):
+            m = re.fullmatch(rf"{prefix}\.(\d+)(\.faiss|\.bin)?", p.name)
+            if m:
+                out[int(m.group(1))] = p
+        return out
+
+    def _open(self) -> None:
+        snaps = self._files("snapshot")
+        if snaps:
+            self._gen = max(snaps)
+            self._load_snapshot(snaps[self._gen], self.path / f"index.{self._gen}.faiss")
+        replayed = 0
+        for gen in sorted(g for g in self._files("log") if g >= self._gen):
+            log = WriteAheadLog(self.path / f"log.{gen}", fsync=self.config.fsync)
+            for payload in log.replay():
+                self._replay(payload)
+                replayed += 1
+            self._gen = gen
+        self._since_snapshot = replayed
+        self._log = WriteAheadLog(self.path / f"log.{self._gen}", fsync=self.config.fsync)
+        self._log.records = replayed
+        self._remove_stale()
+        self._maybe_rebuild()
+        logger.info(
+            "gallery %s: %d items (%s), version %d, %d log records replayed",
+            self.path,
+            len(self._items),
+            self._index.factory,
+            self._version,
+            replayed,
+        )
+
+    def _replay(self, payload: bytes) -> None:
+        header, blob = _unpack(payload)
+        if header["op"] == "u":
+            recs, pos = [], 0
+            for it in header["items"]:
+                n = it["k"] * self.dim * 4
+                v = (
+                    np.frombuffer(blob[pos : pos + n], dtype=np.float32)
+                    .reshape(it["k"], self.dim)
+                    .copy()
+                )
+                v.flags.writeable = False
+                pos += n
+                seg = [tuple(s) for s in it["seg"]] if it["seg"] is not None else None
+                recs.append(Record(it["id"], v, it["meta"], it["hash"], seg))
+            self._apply_upsert(recs, header["offset"])
+        elif header["op"] == "r":
+            self._apply_remove([i for i in header["ids"] if i in self._items], header["offset"])
+        else:
+            raise ValueError(f"unknown log op {header['op']!r}")
+
+    def _remove_stale(self) -> None:
+        for prefix in ("snapshot", "index", "log"):
+            for gen, p in self._files(prefix).items():
+                if gen < self._gen:
+                    p.unlink(missing_ok=True)
+        for p in self.path.glob(".*.tmp-*"):
+            p.unlink(missing_ok=True)
+
+    def snapshot(self) -> None:
+        """Write a complete snapshot atomically, then drop the logs it covers."""
+        with self._lock:
+            t0 = time.perf_counter()
+            gen = self._gen + 1
+            index_bytes = self._index.serialize()
+            atomic_write(
+                self.path / f"index.{gen}.faiss",
+                lambda f: f.write(index_bytes.tobytes()),
+                self.config.fsync,
+            )
+            records = list(self._items.values())
+            header = {
+                "dim": self.dim,
+                "num_vectors": self.num_vectors,
+                "version": self._version,
+                "applied_offset": self.applied_offset,
+                "next_vid": self._next_vid,
+                "factory": self._index.factory,
+                "params": self._index.params,
+                "tombstones": sorted(self._index.tombstones),
+                "index_crc": zlib.crc32(index_bytes.tobytes()),
+                "items": [
+                    {
+                        "id": r.id,
+                        "hash": r.content_hash,
+                        "meta": r.metadata,
+                        "seg": r.segments,
+                        "vids": self._vids[r.id].tolist(),
+                    }
+                    for r in records
+                ],
+            }
+
+            def write(f: BinaryIO) -> None:
+                h = json.dumps(header, separators=(",", ":")).encode()
+                crc = zlib.crc32(h)
+                f.write(_SNAPSHOT_MAGIC + _U64.pack(len(h)) + h)
+                for r in records:
+                    b = r.vectors.tobytes()
+                    crc = zlib.crc32(b, crc)
+                    f.write(b)
+                f.write(struct.pack("<I", crc))
+
+            atomic_write(self.path / f"snapshot.{gen}.bin", write, self.config.fsync)
+            # The snapshot is durable: switch to a fresh log generation, drop older files.
+            self._log.close()
+            self._gen = gen
+            self._log = WriteAheadLog(self.path / f"log.{gen}", fsync=self.config.fsync)
+            self._since_snapshot = 0
+            self._remove_stale()
+            if self.config.fsync:
+                fsync_dir(self.path)
+            logger.info(
+                "gallery %s: snapshot %d (%d items) in %.2fs",
+                self.path,
+                gen,
+                len(records),
+                time.perf_counter() - t0,
+            )
+
+    def _load_snapshot(self, path: Path, index_path: Path) -> None:
+        data = path.read_bytes()
+        if data[:8] != _SNAPSHOT_MAGIC:
+            raise ValueError(f"{path}: not a gallery snapshot")
+        (n,) = _U64.unpack_from(data, 8)
+        h = data[16 : 16 + n]
+        header = json.loads(h)
+        body = memoryview(data)[16 + n : len(data) - 4]
+        (crc,) = struct.unpack("<I", data[-4:])
+        if zlib.crc32(body, zlib.crc32(h)) != crc:
+            raise ValueError(f"{path}: snapshot checksum mismatch")
+        if header["dim"] != self.dim or header["num_vectors"] != self.num_vectors:
+            raise ValueError(
+                f"{path}: snapshot has dim={header['dim']} num_vectors={header['num_vectors']}, "
+                f"gallery opened with dim={self.dim} num_vectors={self.num_vectors}"
+            )
+        index_bytes = np.frombuffer(index_path.read_bytes(), dtype=np.uint8)
+        if zlib.crc32(index_bytes.tobytes()) != header["index_crc"]:
+            raise ValueError(f"{index_path}: index checksum mismatch")
+        all_vectors = np.frombuffer(body, dtype=np.float32).reshape(-1, self.dim)
+        pos = 0
+        for it in header["items"]:
+            vids = np.asarray(it["vids"], dtype=np.int64)
+            v = all_vectors[pos : pos + len(vids)]
+            pos += len(vids)
+            seg = [tuple(s) for s in it["seg"]] if it["seg"] is not None else None
+            self._items[it["id"]] = Record(it["id"], v, it["meta"], it["hash"], seg)
+            self._vids[it["id"]] = vids
+            for slot, vid in enumerate(vids.tolist()):
+                self._owner[vid] = (it["id"], slot)
+        self._version = header["version"]
+        self.applied_offset = header["applied_offset"]
+        self._next_vid = header["next_vid"]
+        self._index = VectorIndex.deserialize(
+            index_bytes, self.dim, header["factory"], self.config.use_gpu
+        )
+        self._index.tombstones = set(header["tombstones"])
+        if self._index.tombstones:
+            self._index._can_remove = False
+        for name, value in header["params"].items():
+            self._index.set_param(name, value)
+
+    def close(self) -> None:
+        """Close the log (every change is already durable; no snapshot is forced)."""
+        with self._lock:
+            self._log.close()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
