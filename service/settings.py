@@ -30,6 +30,7 @@ class ModelSettings(BaseModel):
     query_batch_size: int = Field(32, ge=1)  # micro-batch cap for concurrent text queries
     query_batch_wait_ms: float = Field(5.0, ge=0)  # how long a query waits for batch-mates
     threads: int = Field(4, ge=1)  # thread pool for blocking model / FAISS work
+    max_pending_queries: int = Field(256, ge=1)  # queries waiting to encode; beyond: 429
 
 
 class IngestSettings(BaseModel):
@@ -44,6 +45,7 @@ class IngestSettings(BaseModel):
     allow_urls: bool = False  # fetching media from URLs is off by default
     video_segment_seconds: float = Field(4.0, gt=0)  # one vector per segment of this length
     video_frames_per_segment: int = Field(4, ge=1)
+    max_queue_depth: int = Field(1_000_000, ge=0)  # ingest backlog cap (0 = none); beyond: 429
 
 
 class WorkerSettings(BaseModel):

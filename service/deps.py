@@ -1,0 +1,104 @@
+"""Dependencies of the routes: the service state on ``app.state``, readiness, API keys.
+
+Routes declare what they need with the ``Annotated`` aliases at the bottom
+(``State``, ``ReadyState``, ``Config``) and guard themselves with ``ReadAccess`` /
+``WriteAccess``; nothing in a route reaches into ``request.app`` directly.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request, status
+
+from service.app import ServiceState
+from service.settings import Settings
+
+
+def get_state(request: Request) -> ServiceState:
+    """The service state (present from start-up, maybe not ready yet)."""
+    return request.app.state.xmodal  # type: ignore[no-any-return]
+
+
+def get_ready_state(request: Request) -> ServiceState:
+    """The service state, or 503 while the model and index are still loading."""
+    state = get_state(request)
+    if not state.ready:
+        detail = f"not ready: {state.error}" if state.error else "not ready: still loading"
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail, headers={"Retry-After": "5"}
+        )
+    return state
+
+
+def get_settings(request: Request) -> Settings:
+    """The one Settings object."""
+    return get_state(request).settings
+
+
+def _presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    if x_api_key:
+        return x_api_key.strip()
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+def _matches(key: str, keys: list[str]) -> bool:
+    # compare against every key so timing does not reveal which prefix matched
+    found = False
+    for candidate in keys:
+        found |= hmac.compare_digest(key.encode(), candidate.encode())
+    return found
+
+
+def _check_key(
+    state: ServiceState, authorization: str | None, x_api_key: str | None, write: bool
+) -> None:
+    auth = state.settings.auth
+    if not auth.read_keys and not auth.write_keys:
+        return  # no keys configured: the API is open
+    allowed = auth.write_keys if write else auth.read_keys + auth.write_keys
+    if not write and not auth.read_keys:
+        return  # only write keys configured: reading stays open
+    key = _presented_key(authorization, x_api_key)
+    if key is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing API key (Authorization: Bearer <key> or X-API-Key)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not _matches(key, allowed):
+        if write and _matches(key, auth.read_keys):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "this API key may not write")
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def require_read(
+    request: Request,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> None:
+    """A read or write key, when read keys are configured."""
+    _check_key(get_state(request), authorization, x_api_key, write=False)
+
+
+def require_write(
+    request: Request,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> None:
+    """A write key, when any keys are configured."""
+    _check_key(get_state(request), authorization, x_api_key, write=True)
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+ReadyState = Annotated[ServiceState, Depends(get_ready_state)]
+Config = Annotated[Settings, Depends(get_settings)]
+ReadAccess = Depends(require_read)
+WriteAccess = Depends(require_write)

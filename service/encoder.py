@@ -1,0 +1,196 @@
+"""The query encoder: micro-batches concurrent queries and keeps the model off the event loop.
+
+Each search awaits ``encode_text`` / ``encode_image``; a per-kind collector task gathers the
+queries that arrive within ``wait_ms`` (up to ``max_batch``), runs one model call for all of
+them on the thread pool, and hands every caller its own row. Under load this turns N model
+calls into N / batch; when idle a query waits at most ``wait_ms``. When more than
+``max_pending`` queries are waiting, new ones are refused with :class:`Overloaded` (HTTP 429)
+instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from service import metrics
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Overloaded(Exception):
+    """Too many queries are already waiting; the caller should retry later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Pending(Generic[T]):
+    value: T
+    future: asyncio.Future[np.ndarray] = field(repr=False)
+
+
+class MicroBatcher(Generic[T]):
+    """Collects single inputs into batches for one blocking ``fn(list[T]) -> array[n, ...]``."""
+
+    def __init__(
+        self,
+        kind: str,
+        fn: Callable[[list[T]], np.ndarray],
+        executor: Executor,
+        max_batch: int,
+        wait_ms: float,
+        max_pending: int,
+    ) -> None:
+        self.kind = kind
+        self.fn = fn
+        self.executor = executor
+        self.max_batch = max_batch
+        self.wait_s = wait_ms / 1000.0
+        self.max_pending = max_pending
+        self._queue: asyncio.Queue[_Pending[T]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def start(self) -> None:
+        """Start the collector task on the running loop."""
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"xmodal-batcher-{self.kind}"
+            )
+
+    async def stop(self) -> None:
+        """Stop collecting; queries still queued are failed with a clear error."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue is not None and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(Overloaded("the service is shutting down"))
+
+    async def submit(self, value: T) -> np.ndarray:
+        """Encode one input, batched with whatever arrives at the same time."""
+        if self._task is None:
+            self.start()
+        assert self._queue is not None
+        if self._queue.qsize() >= self.max_pending:
+            raise Overloaded(f"{self._queue.qsize()} {self.kind} queries already waiting")
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(value, future))
+        metrics.QUERY_ENCODER_PENDING.labels(self.kind).set(self._queue.qsize())
+        return await future
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0 and self._queue.empty():
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), max(timeout, 0)))
+                except asyncio.TimeoutError:
+                    break
+            metrics.QUERY_ENCODER_PENDING.labels(self.kind).set(self._queue.qsize())
+            live = [p for p in batch if not p.future.done()]  # drop cancelled callers
+            if not live:
+                continue
+            metrics.QUERY_BATCH_SIZE.labels(self.kind).observe(len(live))
+            start = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self.executor, self.fn, [p.value for p in live])
+            except Exception as exc:  # the callers get the error; the collector lives on
+                logger.exception("query encoding failed (%s, batch of %d)", self.kind, len(live))
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            metrics.observe_encode(f"query_{self.kind}", len(live), time.perf_counter() - start)
+            for i, p in enumerate(live):
+                if not p.future.done():
+                    p.future.set_result(out[i])
+
+
+class QueryEncoder:
+    """Encodes search queries with the serving model: batched texts and images, off-loop."""
+
+    def __init__(
+        self,
+        model: Any,
+        executor: Executor,
+        max_batch: int = 32,
+        wait_ms: float = 5.0,
+        max_pending: int = 256,
+    ) -> None:
+        self.model = model
+        self.executor = executor
+        self.max_pending = max_pending
+        self._texts: MicroBatcher[str] = MicroBatcher(
+            "text", model.embed_texts, executor, max_batch, wait_ms, max_pending
+        )
+        self._images: MicroBatcher[Any] = MicroBatcher(
+            "image", model.embed_images, executor, max_batch, wait_ms, max_pending
+        )
+
+    def start(self) -> None:
+        """Start the collectors (call from the serving loop)."""
+        self._texts.start()
+        self._images.start()
+
+    async def stop(self) -> None:
+        """Stop the collectors."""
+        await self._texts.stop()
+        await self._images.stop()
+
+    async def encode_text(self, text: str) -> np.ndarray:
+        """One text query -> its embedding ``[D]`` (or ``[K, D]``)."""
+        return await self._texts.submit(text)
+
+    async def encode_image(self, image: Any) -> np.ndarray:
+        """One PIL image -> its embedding ``[D]`` (or ``[K, D]``)."""
+        return await self._images.submit(image)
+
+    async def encode_video(self, frames: Sequence[Any]) -> np.ndarray:
+        """Frames of one video -> one embedding ``[D]`` (or ``[K, D]``), not batched."""
+        start = time.perf_counter()
+        out = await self.run(self.model.embed_video_frames, list(frames))
+        metrics.observe_encode("query_video", 1, time.perf_counter() - start)
+        out = np.asarray(out, dtype=np.float32)
+        return out[0] if out.ndim >= 2 and out.shape[0] == 1 else out
+
+    async def encode_texts(self, texts: Sequence[str], chunk: int = 256) -> np.ndarray:
+        """Many texts (querybank) in chunks on the pool -> ``[n, D]`` (or ``[n, K, D]``)."""
+        parts = []
+        for i in range(0, len(texts), chunk):
+            part = list(texts[i : i + chunk])
+            start = time.perf_counter()
+            parts.append(await self.run(self.model.embed_texts, part))
+            metrics.observe_encode("querybank_text", len(part), time.perf_counter() - start)
+        return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
+
+    async def run(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run blocking model or FAISS work on the thread pool, never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

@@ -1,0 +1,92 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Response, status
+
+from service import metrics
+from service.app import QUERYBANK_DIRECTION, ServiceState
+from service.deps import State
+from service.schemas import HealthResponse, ReadyResponse
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=HealthResponse)
+def healthz() -> HealthResponse:
+    """The process is alive."""
+    return HealthResponse()
+
+
+def readiness(state: ServiceState) -> ReadyResponse:
+    """Model loaded, index loaded, Redis reachable when configured."""
+    checks = {
+        "model": state.model is not None,
+        "index": bool(state.galleries) and state.ready,
+    }
+    if state.settings.redis_url is not None:
+        ok = False
+        if state.redis is not None:
+            try:
+                ok = bool(state.redis.ping())
+            except Exception as exc:  # noqa: BLE001 - an unreachable Redis is "not ready"
+                logger.warning("readiness: Redis ping failed: %s", exc)
+        checks["redis"] = ok
+        if state.replica is not None:
+            checks["replication"] = not getattr(state.replica, "gap", False)
+    ready = state.ready and all(checks.values())
+    return ReadyResponse(ready=ready, checks=checks, detail=state.error)
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "not ready yet"}},
+)
+def readyz(state: State, response: Response) -> ReadyResponse:
+    """Ready to serve: 200, else 503 with the failing checks."""
+    answer = readiness(state)
+    if not answer.ready:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        response.headers["Retry-After"] = "5"
+    return answer
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}},
+)
+def prometheus_metrics(state: State) -> Response:
+    """Prometheus metrics (text exposition format)."""
+    metrics.READY.set(1 if state.ready else 0)
+    if state.ready:
+        metrics.refresh(
+            state.galleries,
+            querybank=metrics.safe(lambda: querybank_stats(state), "querybank") or {},
+            queue_stats=metrics.safe(lambda: queue_stats(state), "queue") or {},
+        )
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+def querybank_stats(state: ServiceState) -> dict[str, tuple[int, int]]:
+    """direction -> (size, version) of the serving model's bank."""
+    size, version = state.querybank_info()
+    return {QUERYBANK_DIRECTION: (size, version or 0)}
+
+
+def queue_stats(state: ServiceState) -> dict[str, int]:
+    """Queue depth, pending and dead letters."""
+    queue = state.queue
+    if queue is None:
+        return {}
+    return {
+        "depth": queue.depth(),
+        "pending": queue.pending(),
+        "dead_letters": queue.dead_letters(),
+    }

@@ -1,0 +1,127 @@
+"""POST /ingest (batch jobs, answered once durably queued) and GET /jobs/{job_id}."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, status
+
+from service import media, metrics
+from service.deps import ReadAccess, ReadyState, WriteAccess
+from service.schemas import IngestItem, IngestRequest, IngestResponse, JobItem, JobResponse
+from service.settings import IngestSettings
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["ingest"])
+
+
+def validate_item(item: IngestItem, settings: IngestSettings) -> dict[str, Any]:
+    """Check one item now (so bad input is a synchronous 4xx) and build its queue payload.
+
+    Images are fully decoded (cheap at the sizes we accept, and the only way to catch a
+    truncated file); videos are probed (container, stream, duration, frame size) and fully
+    decoded by the worker. Raises MediaError with the status to answer.
+    """
+    max_bytes = int(settings.max_body_mb * 1024 * 1024)
+    payload: dict[str, Any] = {"id": item.id, "modality": item.modality, "metadata": item.metadata}
+    if item.modality == "text":
+        if item.path is not None:
+            resolved = media.resolve_media_path(item.path, settings.media_root)
+            raw_text = media.read_media_file(resolved, max_bytes).decode("utf-8", "replace")
+            payload["path"] = str(resolved)
+        else:
+            raw_text = item.text or ""
+        payload["text"] = media.clean_text(raw_text, settings.max_text_chars)
+        payload.pop("path", None)
+        payload["content_hash"] = media.content_hash(payload["text"])
+        return payload
+    if item.path is not None:
+        resolved = media.resolve_media_path(item.path, settings.media_root)
+        raw = media.read_media_file(resolved, max_bytes)
+        payload["path"] = str(resolved)
+    else:
+        raw = media.decode_base64(item.data or "", max_bytes)
+        payload["data"] = item.data
+    if item.modality == "image":
+        media.load_image(raw, settings).close()
+    else:
+        media.probe_video(raw, settings)
+    payload["content_hash"] = media.content_hash(raw)
+    return payload
+
+
+def _validate_batch(items: list[IngestItem], settings: IngestSettings) -> list[dict[str, Any]]:
+    payloads = []
+    for item in items:
+        try:
+            payloads.append(validate_item(item, settings))
+        except media.MediaError as exc:
+            # name the item so a client can fix a batch of hundreds
+            raise media.MediaError(f"item {item.id!r}: {exc.message}", exc.status) from exc
+    return payloads
+
+
+@router.post(
+    "/ingest",
+    response_model=IngestResponse,
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[WriteAccess],
+    responses={
+        400: {"description": "malformed item (bad base64, path outside the media root)"},
+        413: {"description": "batch, body or media too large"},
+        415: {"description": "unsupported media format"},
+        422: {"description": "invalid item (corrupt media, empty or over-long text)"},
+        429: {"description": "ingest queue full; retry after Retry-After seconds"},
+        503: {"description": "not ready"},
+    },
+)
+async def ingest(body: IngestRequest, state: ReadyState) -> IngestResponse:
+    """Queue a batch of items for indexing; 202 once it is durably queued."""
+    settings = state.settings.ingest
+    if len(body.items) > settings.max_batch_items:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"batch has {len(body.items)} items, over the limit of {settings.max_batch_items}",
+        )
+    state.check_queue_capacity(len(body.items))
+    payloads = await state.run(_validate_batch, body.items, settings)
+    job_id = uuid.uuid4().hex
+    await state.run(state.enqueue, job_id, payloads)
+    for item in body.items:
+        metrics.ITEMS_ENQUEUED.labels(item.modality).inc()
+    logger.info("queued job %s with %d items", job_id, len(payloads), extra={"job_id": job_id})
+    return IngestResponse(job_id=job_id, accepted=len(payloads))
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobResponse,
+    dependencies=[ReadAccess],
+    responses={404: {"description": "unknown job"}, 503: {"description": "not ready"}},
+)
+async def get_job(job_id: str, state: ReadyState) -> JobResponse:
+    """Per-item state of an ingest job."""
+    job = await state.run(state.jobs.get, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
+    return _job_response(job_id, job)
+
+
+def _job_response(job_id: str, job: Any) -> JobResponse:
+    """Adapt the job store's JobStatus to the API schema."""
+    if isinstance(job, dict):
+        items = job.get("items", [])
+        state = job.get("state")
+    else:
+        items = getattr(job, "items", [])
+        state = getattr(job, "state", None)
+    out = []
+    for it in items:
+        if isinstance(it, dict):
+            out.append(JobItem(id=it["id"], state=it["state"], error=it.get("error")))
+        else:
+            out.append(JobItem(id=it.id, state=it.state, error=getattr(it, "error", None)))
+    return JobResponse(job_id=job_id, state=state or "queued", items=out)

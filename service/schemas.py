@@ -1,0 +1,226 @@
+"""Request and response bodies of the HTTP API (the contract of issue #5).
+
+Requests reject unknown fields (``extra="forbid"``) so a typo is a clear 422, not a silently
+ignored knob. Limits that depend on settings (batch size, text length, media size) are checked
+in the routes, where the settings are at hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Modality = Literal["image", "video", "text"]
+ItemState = Literal["queued", "encoding", "indexed", "failed"]
+JobState = Literal["queued", "running", "done", "failed"]
+FilterValue = str | int | float | bool | None
+
+# Ids are keys in the index, the queue, Redis and URLs (/items/{id}): no slashes, no spaces.
+ITEM_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:@+=-]{0,255}$"
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- search ------------------------------------------------------------------------------------
+class SearchRequest(_Request):
+    """POST /search: exactly one query (text, image, video, vector or item_id) plus options."""
+
+    text: str | None = Field(None, description="a text query")
+    image: str | None = Field(None, description="a base64-encoded image (JPEG, PNG, WebP...)")
+    video: str | None = Field(None, description="a base64-encoded video (MP4, WebM...)")
+    vector: list[float] | list[list[float]] | None = Field(
+        None, description="a raw query embedding: [D] (or [K, D] for set models)"
+    )
+    item_id: str | None = Field(None, description="query with the vectors of an indexed item")
+    targets: list[Modality] | None = Field(
+        None,
+        min_length=1,
+        description="modalities to search; default: the other modalities for text/visual "
+        "queries, all for vector and item_id queries",
+    )
+    top_k: int = Field(10, ge=1, le=1000)
+    offset: int = Field(0, ge=0, le=10_000)
+    qbnorm: bool | None = Field(
+        None, description="apply QB-Norm: true, false, or null for the server default"
+    )
+    min_score: float | None = Field(None, description="drop results whose score is below this")
+    filter: dict[str, FilterValue] = Field(
+        default_factory=dict, description="equality filter on item metadata"
+    )
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        given = [
+            name
+            for name in ("text", "image", "video", "vector", "item_id")
+            if getattr(self, name) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of text, image, video, vector, item_id"
+                + (f" (got {', '.join(given)})" if given else " (got none)")
+            )
+        if self.targets is not None and len(set(self.targets)) != len(self.targets):
+            raise ValueError("targets must not repeat a modality")
+        return self
+
+    @property
+    def query_kind(self) -> str:
+        """Which field holds the query."""
+        for name in ("text", "image", "video", "vector", "item_id"):
+            if getattr(self, name) is not None:
+                return name
+        raise AssertionError("validated request has a query")
+
+
+class SearchResult(BaseModel):
+    """One hit."""
+
+    id: str
+    modality: Modality
+    score: float = Field(description="QB-Norm-normalised score when applied, else raw_score")
+    raw_score: float = Field(description="cosine (or Smooth-Chamfer for set models)")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    start: float | None = Field(None, description="videos: best segment start, seconds")
+    end: float | None = Field(None, description="videos: best segment end, seconds")
+
+
+class SearchResponse(BaseModel):
+    """POST /search answer."""
+
+    results: list[SearchResult]
+    took_ms: float
+    model: str
+    index_version: int
+    querybank_version: int | None
+    qbnorm_applied: bool
+
+
+# --- ingest ------------------------------------------------------------------------------------
+class IngestItem(_Request):
+    """One item to index: an image/video (base64 ``data`` or ``path``) or a ``text``."""
+
+    id: str = Field(pattern=ITEM_ID_PATTERN, description="stable id; re-ingesting replaces")
+    modality: Modality
+    data: str | None = Field(None, description="base64 media bytes (image, video)")
+    text: str | None = Field(None, description="the text of a text item")
+    path: str | None = Field(None, description="a file under the server's media root")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IngestItem:
+        sources = [n for n in ("data", "text", "path") if getattr(self, n) is not None]
+        if len(sources) != 1:
+            raise ValueError(f"item {self.id!r}: give exactly one of data, text, path")
+        if self.modality == "text" and self.text is None and self.path is None:
+            raise ValueError(f"item {self.id!r}: a text item needs `text` (or a `path`)")
+        if self.modality != "text" and self.text is not None:
+            raise ValueError(f"item {self.id!r}: `text` is only for modality 'text'")
+        return self
+
+
+class IngestRequest(_Request):
+    """POST /ingest: a batch of items."""
+
+    items: list[IngestItem] = Field(min_length=1)
+
+    @field_validator("items")
+    @classmethod
+    def _unique_ids(cls, items: list[IngestItem]) -> list[IngestItem]:
+        seen: set[str] = set()
+        for item in items:
+            if item.id in seen:
+                raise ValueError(f"duplicate item id {item.id!r} in one batch")
+            seen.add(item.id)
+        return items
+
+
+class IngestResponse(BaseModel):
+    """202 answer: the batch is durably queued."""
+
+    job_id: str
+    accepted: int
+
+
+class JobItem(BaseModel):
+    """State of one item of a job."""
+
+    id: str
+    state: ItemState
+    error: str | None = None
+
+
+class JobResponse(BaseModel):
+    """GET /jobs/{job_id} answer."""
+
+    job_id: str
+    state: JobState
+    items: list[JobItem]
+
+
+# --- items -------------------------------------------------------------------------------------
+class Segment(BaseModel):
+    """A video segment in seconds."""
+
+    start: float
+    end: float
+
+
+class ItemResponse(BaseModel):
+    """GET /items/{id}: an indexed (searchable) item."""
+
+    id: str
+    modality: Modality
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    content_hash: str
+    num_vectors: int
+    segments: list[Segment] | None = None
+
+
+class DeleteResponse(BaseModel):
+    """DELETE /items/{id} answer."""
+
+    id: str
+    deleted: bool
+    modalities: list[Modality]
+
+
+# --- querybank ---------------------------------------------------------------------------------
+class QueryBankAppend(_Request):
+    """POST /querybank: text queries to append to the text->visual bank."""
+
+    texts: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class QueryBankResponse(BaseModel):
+    """GET/POST /querybank answer."""
+
+    size: int
+    version: int
+    model: str
+
+
+# --- health ------------------------------------------------------------------------------------
+class HealthResponse(BaseModel):
+    """GET /healthz."""
+
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    """GET /readyz: readiness and what it depends on."""
+
+    ready: bool
+    checks: dict[str, bool]
+    detail: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer."""
+
+    error: str
+    detail: Any = None
+    request_id: str | None = None
