@@ -29,6 +29,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.encoder import Overloaded, QueryEncoder
@@ -345,6 +346,51 @@ def shutdown_state(state: ServiceState) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+class BodyLimitMiddleware:
+    """413 (JSON) for request bodies over ``max_bytes``: at once when Content-Length says so,
+    else as soon as the streamed body crosses the limit (the route's body read raises)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> StarletteHTTPException:
+        mb = self.max_bytes / 2**20
+        return StarletteHTTPException(413, f"request body is over the {mb:g} MB limit")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    exc = self._too_large()
+                    metrics.ERRORS.labels("<body>", "413").inc()
+                    logger.info(
+                        "%s %s -> 413: %s", scope.get("method"), scope.get("path"), exc.detail
+                    )
+                    response = _error(413, str(exc.detail))
+                    await response(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def _error(
     status_code: int, message: str, detail: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -462,9 +508,9 @@ def create_app(settings: Settings | None = None, *, model: Any = None) -> FastAP
         summary="Cross-modal retrieval: search images and videos with text, text with them.",
         version="0.1.0",
         lifespan=lifespan,
-        max_body_size=int(settings.ingest.max_body_mb * 1024 * 1024),
     )
     app.state.xmodal = state
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.ingest.max_body_mb * 2**20))
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
 
