@@ -183,8 +183,8 @@ class OpenClipVisionBackbone(ImageBackbone):
 
     def __init__(self, cfg: ImageTowerConfig, pretrained: bool = True) -> None:
         super().__init__(cfg)
-        clip = _create_open_clip(cfg.backbone, cfg.checkpoint if pretrained else None)
-        self.external_weights = pretrained and cfg.checkpoint is not None
+        clip = _create_open_clip(cfg.backbone, cfg.checkpoint, pretrained)
+        self.external_weights = pretrained
         self.net = clip.visual
         if not hasattr(self.net, "output_tokens"):
             raise ValueError(
@@ -289,8 +289,8 @@ class OpenClipTextBackbone(TextBackbone):
         import open_clip
 
         arch = _register_open_clip_arch(cfg.backbone)
-        clip = _create_open_clip(cfg.backbone, cfg.checkpoint if pretrained else None)
-        self.external_weights = pretrained and cfg.checkpoint is not None
+        clip = _create_open_clip(cfg.backbone, cfg.checkpoint, pretrained)
+        self.external_weights = pretrained
         self.net = clip.text
         self.net.output_tokens = True
         self.context_length = int(self.net.context_length)
@@ -375,10 +375,17 @@ def _register_open_clip_arch(backbone: str) -> str:
     return arch
 
 
-def _create_open_clip(backbone: str, checkpoint: str | None) -> Any:
+def _create_open_clip(backbone: str, checkpoint: str | None, pretrained: bool) -> Any:
     """Build an open_clip model (custom-text layout so the text tower is one module) and load
-    a local checkpoint when given. Nothing is ever downloaded."""
+    its local checkpoint; `pretrained=False` gives random weights. Nothing is ever downloaded."""
     import open_clip
+
+    if pretrained and checkpoint is None:
+        raise ValueError(
+            f"{backbone} needs a local checkpoint path (set `checkpoint` in the tower config; "
+            "open_clip weights are never downloaded), or pretrained=False for random weights"
+        )
+    checkpoint = checkpoint if pretrained else None
 
     arch = _register_open_clip_arch(backbone)
     model = open_clip.create_model(
