@@ -25,7 +25,7 @@ PE_BASE = 10000.0  # base of the sinusoidal position encoding (Vaswani et al.)
 
 def is_exporting() -> bool:
     """True while tracing or exporting, when data-dependent validation must be skipped."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def validate_lengths(lengths: Tensor, max_len: int) -> None:
@@ -135,7 +135,7 @@ class GPO(nn.Module):
         right_pe = positional_encoding_1d(right_positions, self.div_term) * right_valid
         both = torch.cat((left_pe, right_pe), dim=0)  # [2B, N, d_pe]: one GRU call
         out, _ = self.gru(both.to(self.linear.weight.dtype))  # [2B, N, 2 * d_hidden]
-        left_out, right_out = out.chunk(2, dim=0)
+        left_out, right_out = out[: lengths.shape[0]], out[lengths.shape[0] :]
         forward_half = left_out[..., : self.d_hidden]  # [B, N, H]
         backward_right = right_out[..., self.d_hidden :]  # [B, N, H]
         gather_index = (positions.long() + shift).clamp(max=n - 1)  # rank k <- slot k + shift

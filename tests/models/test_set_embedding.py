@@ -100,8 +100,8 @@ def test_rejects_empty_rows() -> None:
 
 def test_slots_diverse_after_training() -> None:
     torch.manual_seed(3)
-    img_spm = SetPredictionModule(D, num_slots=4, depth=2, heads=2)
-    txt_spm = SetPredictionModule(D, num_slots=4, depth=2, heads=2)
+    img_spm = SetPredictionModule(D, num_slots=4, depth=1, heads=2)
+    txt_spm = SetPredictionModule(D, num_slots=4, depth=1, heads=2)
     params = list(img_spm.parameters()) + list(txt_spm.parameters())
     optimizer = torch.optim.Adam(params, lr=3e-3)
     criterion = DiveLoss(mmd_weight=0.1, unif_weight=0.1)
@@ -110,7 +110,7 @@ def test_slots_diverse_after_training() -> None:
     img = concepts[:, None] + 0.3 * torch.randn(16, 6, D)
     txt = concepts[:, None] + 0.3 * torch.randn(16, 4, D)
     losses = []
-    for _ in range(10):
+    for _ in range(6):
         parts = criterion(img_spm(img, img_len), txt_spm(txt, txt_len))
         optimizer.zero_grad()
         parts["loss"].backward()
@@ -131,3 +131,16 @@ def test_traced_graph_generalises_to_other_lengths() -> None:
     traced = torch.jit.trace(spm, (torch.randn(2, 6, D), torch.tensor([6, 3])))
     features, lengths = torch.randn(2, 6, D), torch.tensor([2, 5])
     torch.testing.assert_close(traced(features, lengths), spm(features, lengths))
+
+
+def test_torch_export_with_dynamic_shapes() -> None:
+    """torch.export with dynamic batch and length: no data-dependent Python control flow."""
+    spm = module(pos_enc=True)
+    batch, length = torch.export.Dim("batch", min=2), torch.export.Dim("length", min=2)
+    program = torch.export.export(
+        spm,
+        (torch.randn(3, 7, D), torch.tensor([7, 2, 5])),
+        dynamic_shapes=({0: batch, 1: length}, {0: batch}),
+    )
+    features, lengths = torch.randn(4, 9, D), torch.tensor([1, 9, 3, 4])
+    torch.testing.assert_close(program.module()(features, lengths), spm(features, lengths))
