@@ -169,13 +169,14 @@ def resolve_media_path(path: str | os.PathLike[str], media_root: Path | None) ->
     if not candidate.is_absolute():
         candidate = root / candidate
     try:
-        resolved = candidate.resolve(strict=True)
-    except FileNotFoundError as exc:
-        raise MediaError(f"path not found: {raw}", 400) from exc
+        # Containment is checked before existence: no probing of files outside the root.
+        resolved = candidate.resolve(strict=False)
     except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop on older Pythons
         raise MediaError(f"invalid path: {raw}", 400) from exc
     if not resolved.is_relative_to(root):
         raise MediaError(f"path is outside the media root: {raw}", 400)
+    if not resolved.exists():
+        raise MediaError(f"path not found: {raw}", 400)
     if not resolved.is_file():
         raise MediaError(f"path is not a regular file: {raw}", 400)
     return resolved

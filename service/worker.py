@@ -1,0 +1,562 @@
+"""The ingestion worker: read a batch -> decode -> encode in batches -> write vectors -> ack.
+
+One loop, many workers: messages come from a consumer group (Redis Streams) or the local SQLite
+queue; each worker forms *dynamic batches* across jobs (up to ``worker.batch_size`` items, or
+what arrived within ``worker.batch_wait_ms`` of the first), so a trickle of single-item jobs and
+a bulk upload share the GPU equally well.
+
+Per batch:
+
+1. messages delivered more than ``worker.max_deliveries`` times (a crashed or repeatedly failing
+   worker) go to the dead-letter stream with their last error, and their job item is failed;
+2. items move to ``encoding``; each is decoded (:mod:`service.media`). Bad media is the client's
+   fault and permanent: the item is ``failed`` with the reason and acked at once, never retried
+   and never blocking anything;
+3. items whose id already holds the same content hash (sha256 of the raw bytes / cleaned text)
+   are skipped: ingest is idempotent, and unchanged content is not re-encoded;
+4. the rest are encoded per modality in batches (``model.embed_texts``/``embed_images``; videos:
+   every sampled frame through the image tower in one batch, pooled per segment with
+   ``model.pool_frames`` -> one vector per segment; set models pool the whole clip into K
+   slots). If a batch call fails, items are retried one by one so a poison item is isolated;
+5. Records go to the sink and are durable on return (embedded: ``Gallery.upsert`` fsyncs its
+   WAL; Redis mode: the vector log, see :mod:`service.replication`);
+6. only then are items marked ``indexed`` and their messages acked (marking first: a crash in
+   between redelivers an already-written item, which is a no-op, rather than leaving a job
+   stuck in ``encoding``).
+
+Unexpected errors (not bad media) are recorded with ``nack`` and the message stays pending; it
+is reclaimed (``XAUTOCLAIM``) after ``worker.claim_idle_ms`` by whichever worker gets there
+first, so a crashed worker's messages are picked up by the others. Every worker also reclaims
+periodically. ``stop()`` lets the in-flight batch finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from index.gallery import Gallery, Record
+from service import media
+from service.jobs import ItemUpdate, JobStore
+from service.media import DecodedVideo, MediaError
+from service.queue import IngestQueue, Message
+from service.settings import IngestSettings, Settings, WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 500  # idle read timeout: how fast an idle worker notices stop()
+
+
+class VectorSink(Protocol):
+    """Where encoded items go; ``write`` is durable on return."""
+
+    def write(self, records: Mapping[str, Sequence[Record]]) -> Any: ...
+
+    def known_hashes(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """``id -> (modality, content_hash)`` of the ids already stored."""
+        ...
+
+
+class GallerySink:
+    """Embedded mode: write straight into this process's galleries (modality -> Gallery)."""
+
+    def __init__(self, galleries: Mapping[str, Gallery]) -> None:
+        self.galleries = galleries
+
+    def write(self, records: Mapping[str, Sequence[Record]]) -> None:
+        for modality, recs in records.items():
+            if not recs:
+                continue
+            ids = {r.id for r in recs}
+            for other, g in self.galleries.items():  # an id lives in one modality at a time
+                if other != modality and any(i in g for i in ids):
+                    g.remove([i for i in ids if i in g])
+            self.galleries[modality].upsert(recs)
+
+    def known_hashes(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        out = {}
+        for modality, g in self.galleries.items():
+            for i in ids:
+                rec = g.get(i)
+                if rec is not None:
+                    out[i] = (modality, rec.content_hash)
+        return out
+
+
+@dataclass
+class BatchReport:
+    """What one batch did (also handed to ``on_batch``)."""
+
+    read: int = 0
+    indexed: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    encode_seconds: float = 0.0
+    by_modality: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Work:
+    msg: Message
+    modality: str
+    content: Any  # str (text), PIL image, DecodedVideo
+    digest: str
+
+    @property
+    def item_id(self) -> str:
+        return str(self.msg.item["id"])
+
+
+class Worker:
+    """Consumes the ingest queue into a vector sink (see the module docstring).
+
+    Args:
+        model: an ``XModal`` (``embed_texts``, ``embed_images``, ``embed_video_frames``,
+            ``pool_frames``, ``is_set_model``); its device is where encoding runs.
+        queue: the ingest queue.
+        jobs: the job store.
+        sink: :class:`GallerySink` (embedded) or ``ReplicationPublisher`` (Redis mode).
+        settings: the service settings (``worker`` and ``ingest`` sections are used).
+        consumer: consumer name in the group (default ``settings.worker.consumer``); every
+            concurrently running worker needs its own.
+        on_batch: called with each :class:`BatchReport` (tests, custom metrics).
+        record_metrics: record into :mod:`service.metrics` (Prometheus).
+        stop_event: an event shared with the caller; setting it stops the loop (like stop()).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        queue: IngestQueue,
+        jobs: JobStore,
+        sink: VectorSink,
+        settings: Settings,
+        *,
+        consumer: str | None = None,
+        on_batch: Callable[[BatchReport], None] | None = None,
+        record_metrics: bool = True,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        self.model = model
+        self.queue = queue
+        self.jobs = jobs
+        self.sink = sink
+        self.cfg: WorkerSettings = settings.worker
+        self.ingest: IngestSettings = settings.ingest
+        self.consumer = consumer or settings.worker.consumer
+        self.on_batch = on_batch
+        self.record_metrics = record_metrics
+        self._stop = stop_event if stop_event is not None else threading.Event()
+        self._busy = threading.Lock()  # held while a batch is in flight
+        self._claim_every = max(0.05, min(self.cfg.claim_idle_ms / 2000, 30.0))
+        self._next_claim = 0.0
+
+    # ---- loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Process batches until :meth:`stop`; errors are logged, the loop keeps going."""
+        logger.info("worker %s started", self.consumer)
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                backoff = 0.5
+            except Exception:
+                logger.exception(
+                    "worker %s: batch failed; retrying in %.1f s", self.consumer, backoff
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+        logger.info("worker %s stopped", self.consumer)
+
+    def stop(self) -> None:
+        """Ask the loop to exit after the in-flight batch."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run_once(self, block_ms: int = READ_BLOCK_MS) -> BatchReport:
+        """Collect one dynamic batch (waiting up to ``block_ms`` for the first message) and
+        process it. Returns what happened (``read == 0`` when idle)."""
+        messages = self._collect(block_ms)
+        if not messages:
+            self._update_queue_gauges()
+            return BatchReport()
+        with self._busy:
+            return self.process(messages)
+
+    def _collect(self, block_ms: int) -> list[Message]:
+        size = self.cfg.batch_size
+        messages: list[Message] = []
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + self._claim_every
+            messages += self.queue.reclaim(self.consumer, self.cfg.claim_idle_ms, size)
+        if len(messages) < size:
+            messages += self.queue.read(
+                self.consumer, size - len(messages), 0 if messages else block_ms
+            )
+        if not messages:
+            return []
+        # The batch window opens at the first message: top it up for batch_wait_ms.
+        deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
+        while len(messages) < size and not self._stop.is_set():
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                break
+            more = self.queue.read(self.consumer, size - len(messages), remaining_ms)
+            if not more:
+                break
+            messages += more
+        return messages
+
+    # ---- one batch ----------------------------------------------------------------------
+
+    def process(self, messages: Sequence[Message]) -> BatchReport:
+        """Decode, encode, write, then mark and ack one batch of messages."""
+        report = BatchReport(read=len(messages))
+        live: list[Message] = []
+        for m in messages:
+            if m.deliveries > self.cfg.max_deliveries:
+                self._dead_letter(m, report)
+            else:
+                live.append(m)
+        self.jobs.set_states(ItemUpdate(m.job_id, _item_id(m), "encoding") for m in live)
+
+        done: list[Message] = []  # to ack once the job state is recorded
+        updates: list[ItemUpdate] = []
+        work: list[_Work] = []
+        for m in live:
+            try:
+                work.append(self._decode(m))
+            except MediaError as exc:
+                self._fail(m, str(exc), updates, done, report)
+            except Exception as exc:  # noqa: BLE001 - unexpected: retry, then dead-letter
+                logger.exception("decoding item %s of job %s failed", _item_id(m), m.job_id)
+                self._retry(m, f"decode error: {exc!r}", report)
+
+        known = self.sink.known_hashes([w.item_id for w in work]) if work else {}
+        todo = []
+        for w in work:
+            if known.get(w.item_id) == (w.modality, w.digest):
+                updates.append(ItemUpdate(w.msg.job_id, w.item_id, "indexed"))
+                done.append(w.msg)
+                report.unchanged += 1
+            else:
+                todo.append(w)
+
+        records, written = self._encode(todo, updates, done, report)
+        if written:
+            try:
+                self.sink.write(records)
+            except Exception as exc:  # noqa: BLE001 - storage failure: nothing was acked
+                logger.exception("writing %d vectors failed", len(written))
+                for w in written:
+                    self._retry(w.msg, f"write error: {exc!r}", report)
+                written = []
+        for w in written:
+            updates.append(ItemUpdate(w.msg.job_id, w.item_id, "indexed"))
+            done.append(w.msg)
+            report.indexed += 1
+            report.by_modality[w.modality] = report.by_modality.get(w.modality, 0) + 1
+
+        self.jobs.set_states(updates)
+        self.queue.ack([m.id for m in done])
+        self._observe(report)
+        return report
+
+    # ---- steps --------------------------------------------------------------------------
+
+    def _decode(self, m: Message) -> _Work:
+        item = m.item
+        modality = item.get("modality")
+        if modality == "text":
+            text = item.get("text")
+            if text is None and item.get("path"):
+                path = media.resolve_media_path(item["path"], self.ingest.media_root)
+                text = media.read_media_file(path, _max_bytes(self.ingest)).decode(
+                    "utf-8", "replace"
+                )
+            cleaned = media.clean_text(text, self.ingest.max_text_chars)
+            return _Work(m, "text", cleaned, media.content_hash(cleaned))
+        if modality not in ("image", "video"):
+            raise MediaError(f"unknown modality {modality!r}", 422)
+        raw = self._raw_bytes(item)
+        digest = media.content_hash(raw)
+        content: Any
+        if modality == "image":
+            content = media.load_image(raw, self.ingest)
+        else:
+            content = media.load_video(raw, self.ingest)
+        return _Work(m, modality, content, digest)
+
+    def _raw_bytes(self, item: dict[str, Any]) -> bytes:
+        if item.get("blob_missing"):
+            raise MediaError("the item's payload expired before it was processed", 400)
+        if item.get("content") is not None:
+            return bytes(item["content"])
+        if item.get("data") is not None:
+            data = item["data"]
+            if isinstance(data, (bytes, bytearray)):
+                return bytes(data)
+            return media.decode_base64(data, _max_bytes(self.ingest))
+        if item.get("path"):
+            path = media.resolve_media_path(item["path"], self.ingest.media_root)
+            return media.read_media_file(path, _max_bytes(self.ingest))
+        raise MediaError("item has no data, path or text", 400)
+
+    def _encode(
+        self,
+        todo: list[_Work],
+        updates: list[ItemUpdate],
+        done: list[Message],
+        report: BatchReport,
+    ) -> tuple[dict[str, list[Record]], list[_Work]]:
+        records: dict[str, list[Record]] = {}
+        written: list[_Work] = []
+        for modality in ("text", "image", "video"):
+            group = [w for w in todo if w.modality == modality]
+            if not group:
+                continue
+            t0 = time.perf_counter()
+            try:
+                vectors = self._embed(modality, group)
+                ok = list(zip(group, vectors, strict=True))
+            except Exception:  # noqa: BLE001 - isolate the poison item
+                logger.warning(
+                    "batch encode of %d %s items failed; one by one", len(group), modality
+                )
+                ok = []
+                for w in group:
+                    try:
+                        ok.append((w, self._embed(modality, [w])[0]))
+                    except Exception as exc:  # noqa: BLE001
+                        logger.exception("encoding item %s failed", w.item_id)
+                        self._retry(w.msg, f"encode error: {exc!r}", report)
+            seconds = time.perf_counter() - t0
+            report.encode_seconds += seconds
+            if self.record_metrics and ok:
+                _metrics_encode(modality, len(ok), seconds)
+            for w, vecs in ok:
+                segments = w.content.spans if isinstance(w.content, DecodedVideo) else None
+                if segments is not None and len(segments) != len(vecs):
+                    segments = None  # set models: one K-slot set per clip
+                metadata = w.msg.item.get("metadata") or {}
+                records.setdefault(modality, []).append(
+                    Record(w.item_id, vecs, dict(metadata), w.digest, segments)
+                )
+                written.append(w)
+        return records, written
+
+    @torch.no_grad()
+    def _embed(self, modality: str, group: list[_Work]) -> list[np.ndarray]:
+        """One ``[K,D]`` array per item (K = 1, slots, or segments)."""
+        if modality == "text":
+            out = self.model.embed_texts([w.content for w in group])
+            return [_as_2d(v) for v in out]
+        if modality == "image":
+            out = self.model.embed_images([w.content for w in group])
+            return [_as_2d(v) for v in out]
+        if self.model.is_set_model:
+            return [_as_2d(self.model.embed_video_frames(w.content.frames)[0]) for w in group]
+        # Single-vector models: every frame of every segment in one image batch, then the
+        # model's own temporal pooling per segment -> one vector per segment.
+        segments = [s for w in group for s in w.content.segments]
+        frames = [f for s in segments for f in s.frames]
+        per_frame = torch.from_numpy(self.model.embed_images(frames))  # [F, D]
+        t = max(len(s.frames) for s in segments)
+        padded = per_frame.new_zeros(len(segments), t, per_frame.shape[-1])
+        lengths = torch.tensor([len(s.frames) for s in segments])
+        start = 0
+        for i, s in enumerate(segments):
+            padded[i, : len(s.frames)] = per_frame[start : start + len(s.frames)]
+            start += len(s.frames)
+        device = getattr(self.model, "device", torch.device("cpu"))
+        pooled = self.model.pool_frames(padded.to(device), lengths.to(device))
+        pooled = np.ascontiguousarray(pooled.float().cpu().numpy(), dtype=np.float32)
+        out_vectors, start = [], 0
+        for w in group:
+            n = len(w.content.segments)
+            out_vectors.append(pooled[start : start + n])
+            start += n
+        return out_vectors
+
+    def _fail(
+        self,
+        m: Message,
+        error: str,
+        updates: list[ItemUpdate],
+        done: list[Message],
+        report: BatchReport,
+    ) -> None:
+        logger.info("item %s of job %s failed: %s", _item_id(m), m.job_id, error)
+        updates.append(ItemUpdate(m.job_id, _item_id(m), "failed", error))
+        done.append(m)
+        report.failed += 1
+        if self.record_metrics:
+            _metrics_failed(str(m.item.get("modality")))
+
+    def _retry(self, m: Message, error: str, report: BatchReport) -> None:
+        """Leave the message pending with its error: reclaimed later, or dead-lettered."""
+        report.retried += 1
+        if m.deliveries >= self.cfg.max_deliveries:
+            self._dead_letter(m, report, error)
+            return
+        self.queue.nack(m, error)
+
+    def _dead_letter(self, m: Message, report: BatchReport, error: str | None = None) -> None:
+        reason = error or m.last_error or "the worker processing it crashed or timed out"
+        error = f"failed after {m.deliveries} deliveries: {reason}"
+        self.jobs.set_state(m.job_id, _item_id(m), "failed", error)
+        self.queue.dead_letter(m, error)
+        report.dead_lettered += 1
+        if self.record_metrics:
+            _metrics_failed(str(m.item.get("modality")))
+            from service import metrics
+
+            metrics.DEAD_LETTERED.inc()
+
+    def _observe(self, report: BatchReport) -> None:
+        if self.record_metrics:
+            from service import metrics
+
+            for modality, n in report.by_modality.items():
+                metrics.ITEMS_INDEXED.labels(modality).inc(n)
+                metrics.INGEST_BATCH_SIZE.labels(modality).observe(n)
+            self._update_queue_gauges()
+        if report.read:
+            logger.info(
+                "batch: %d read, %d indexed, %d unchanged, %d failed, %d retried, "
+                "%d dead-lettered, encode %.3f s",
+                report.read,
+                report.indexed,
+                report.unchanged,
+                report.failed,
+                report.retried,
+                report.dead_lettered,
+                report.encode_seconds,
+            )
+        if self.on_batch is not None:
+            self.on_batch(report)
+
+    def _update_queue_gauges(self) -> None:
+        if not self.record_metrics:
+            return
+        from service import metrics
+
+        try:
+            stats = self.queue.stats()
+        except Exception:  # noqa: BLE001 - gauges are best effort
+            return
+        metrics.QUEUE_DEPTH.set(stats.get("depth", 0))
+        metrics.QUEUE_PENDING.set(stats.get("pending", 0))
+        metrics.DEAD_LETTERS.set(stats.get("dead_letters", 0))
+
+
+def _item_id(m: Message) -> str:
+    return str(m.item.get("id"))
+
+
+def _as_2d(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    return v[None, :] if v.ndim == 1 else v
+
+
+def _max_bytes(settings: IngestSettings) -> int:
+    return int(settings.max_body_mb * 1024 * 1024)
+
+
+def _metrics_encode(modality: str, n: int, seconds: float) -> None:
+    from service import metrics
+
+    metrics.observe_encode(modality, n, seconds)
+
+
+def _metrics_failed(modality: str) -> None:
+    from service import metrics
+
+    metrics.ITEMS_FAILED.labels(modality).inc()
+
+
+class EmbeddedWorker:
+    """A :class:`Worker` on a background thread (``xmodal serve`` without Redis)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.thread = threading.Thread(target=worker.run, name="xmodal-worker", daemon=True)
+
+    def start(self) -> EmbeddedWorker:
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Finish the in-flight batch and stop; False if it did not end within ``timeout``."""
+        self.worker.stop()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def close(self) -> None:
+        """Same as :meth:`stop` (the app's shutdown calls ``close`` then ``join``)."""
+        self.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+
+def start_embedded_worker(
+    settings: Settings,
+    model: Any,
+    galleries: Mapping[str, Gallery],
+    queue: IngestQueue | None = None,
+    jobs: JobStore | None = None,
+    *,
+    consumer: str | None = None,
+    on_batch: Callable[[BatchReport], None] | None = None,
+    stop_event: threading.Event | None = None,
+) -> EmbeddedWorker:
+    """Start an in-process worker writing straight into ``galleries``.
+
+    ``queue``/``jobs`` default to the local SQLite ones under ``settings.data_dir`` — pass the
+    API's own instances so enqueue wakes the worker at once. Stop it with ``.stop()``.
+    """
+    from service.jobs import open_job_store
+    from service.queue import open_queue
+
+    queue = queue if queue is not None else open_queue(settings)
+    jobs = jobs if jobs is not None else open_job_store(settings)
+    worker = Worker(
+        model,
+        queue,
+        jobs,
+        GallerySink(galleries),
+        settings,
+        consumer=consumer or f"{settings.worker.consumer}-embedded",
+        on_batch=on_batch,
+        stop_event=stop_event,
+    )
+    return EmbeddedWorker(worker).start()
+
+
+__all__ = [
+    "BatchReport",
+    "EmbeddedWorker",
+    "GallerySink",
+    "VectorSink",
+    "Worker",
+    "start_embedded_worker",
+]
