@@ -114,6 +114,16 @@ class Hit:
     norm_score: float | None = None
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Item-level search results as arrays, best first: dense item indexes (see
+    :meth:`Gallery.item_id`), raw scores and the winning vector slot per item."""
+
+    idx: np.ndarray
+    scores: np.ndarray
+    slots: np.ndarray
+
+
 Listener = Callable[[list[Record], list[str]], None]
 
 
@@ -377,8 +387,13 @@ class Gallery:
         self.config = config or GalleryConfig()
         self._lock = threading.RLock()
         self._items: dict[str, Record] = {}
-        self._vids: dict[str, np.ndarray] = {}
-        self._owner: dict[int, tuple[str, int]] = {}
+        self._vids: dict[str, np.ndarray] = {}  # item id -> its vector ids
+        # vector id -> (item index, slot) as arrays, so a search maps ids without Python loops
+        self._vid_item = np.full(1024, -1, dtype=np.int64)
+        self._vid_slot = np.zeros(1024, dtype=np.int32)
+        self._item_idx: dict[str, int] = {}  # item id -> dense item index (new on replace)
+        self._idx_id: list[str | None] = []  # item index -> item id (None once removed)
+        self._n_live = 0  # live vectors
         self._next_vid = 0
         self._version = 0
         self.applied_offset: str | None = None
@@ -530,10 +545,7 @@ class Gallery:
             self._next_vid += sum(counts)
             start = 0
             for r, n in zip(records, counts, strict=True):
-                self._items[r.id] = r
-                self._vids[r.id] = vids[start : start + n]
-                for slot in range(n):
-                    self._owner[int(vids[start + slot])] = (r.id, slot)
+                self._register(r, vids[start : start + n])
                 start += n
             self._index.add(vids, np.concatenate([r.vectors for r in records]))
             self._version += 1
@@ -547,13 +559,47 @@ class Gallery:
         if offset is not None:
             self.applied_offset = offset
 
+    def _register(self, r: Record, vids: np.ndarray) -> None:
+        need = int(vids.max()) + 1
+        if need > len(self._vid_item):
+            size = max(need, 2 * len(self._vid_item))
+            self._vid_item = np.concatenate(
+                [self._vid_item, np.full(size - len(self._vid_item), -1)]
+            )
+            self._vid_slot = np.concatenate(
+                [self._vid_slot, np.zeros(size - len(self._vid_slot), np.int32)]
+            )
+        idx = len(self._idx_id)
+        self._idx_id.append(r.id)
+        self._item_idx[r.id] = idx
+        self._items[r.id] = r
+        self._vids[r.id] = vids
+        self._vid_item[vids] = idx
+        self._vid_slot[vids] = np.arange(len(vids), dtype=np.int32)
+        self._n_live += len(vids)
+
+    def item_index(self, item_id: str) -> int | None:
+        """Dense index of a live item (stable until the item is replaced or removed)."""
+        return self._item_idx.get(item_id)
+
+    def item_id(self, idx: int) -> str | None:
+        """The item id at a dense index, or None when that item was removed/replaced."""
+        return self._idx_id[idx] if 0 <= idx < len(self._idx_id) else None
+
+    @property
+    def index_capacity(self) -> int:
+        """Upper bound (exclusive) of the dense item indexes handed out so far."""
+        return len(self._idx_id)
+
     def _drop(self, ids: list[str]) -> None:
         dead: list[int] = []
         for item_id in ids:
             self._items.pop(item_id)
-            for vid in self._vids.pop(item_id):
-                self._owner.pop(int(vid))
-                dead.append(int(vid))
+            vids = self._vids.pop(item_id)
+            self._vid_item[vids] = -1
+            self._idx_id[self._item_idx.pop(item_id)] = None
+            self._n_live -= len(vids)
+            dead.extend(vids.tolist())
         self._index.remove(dead)
 
     # ---- index lifecycle --------------------------------------------------------------
@@ -571,7 +617,7 @@ class Gallery:
         return np.concatenate(vids), np.concatenate([r.vectors for r in self._items.values()])
 
     def _maybe_rebuild(self) -> None:
-        n = len(self._owner)
+        n = self._n_live
         kind, cfg = self._index.kind, self.config
         # "auto" only grows to a bigger index type on its own; rebuild() re-chooses freely.
         grow = cfg.factory == "auto" and (
@@ -637,75 +683,97 @@ class Gallery:
     ) -> list[list[Hit]]:
         """Item-level top-``k`` for single-vector queries ``[Q,D]`` (max over an item's vectors)."""
         with self._lock:
-            n_live = len(self._owner)
-            if k <= 0 or n_live == 0 or len(q) == 0:
-                return [[] for _ in range(len(q))]
+            return [self.to_hits(c) for c in self.search_candidates(q, k, filter)]
+
+    def to_hits(self, c: Candidates) -> list[Hit]:
+        """Hits for candidates (call under the same lock hold, or accept a removed item)."""
+        hits = []
+        for idx, score, slot in zip(
+            c.idx.tolist(), c.scores.tolist(), c.slots.tolist(), strict=True
+        ):
+            item_id = self._idx_id[idx]
+            rec = self._items.get(item_id) if item_id is not None else None
+            if rec is None or item_id is None:
+                continue
+            hits.append(Hit(item_id, float(score), slot if rec.segments is not None else None))
+        return hits
+
+    def search_candidates(
+        self, q: np.ndarray, n: int, filter: dict[str, Any] | None = None
+    ) -> list[Candidates]:
+        """Like :meth:`search_vectors` but as arrays of dense item indexes (no Python objects
+        per candidate): the fast path for large shortlists (QB-Norm, re-ranking)."""
+        with self._lock:
+            empty = Candidates(
+                np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int32)
+            )
+            if n <= 0 or self._n_live == 0 or len(q) == 0:
+                return [empty for _ in range(len(q))]
             ntotal = self._index.ntotal
-            per_item = n_live / max(1, len(self._items))
-            fetch = int(k * per_item * (4 if filter else 1.5)) + len(self._index.tombstones) + 8
-            results: list[list[Hit] | None] = [None] * len(q)
+            per_item = self._n_live / max(1, len(self._items))
+            # single-vector items need no room for duplicates; segmented items do
+            slack = 4.0 if filter else 1.0 if per_item == 1 else 1.5
+            fetch = int(n * per_item * slack) + len(self._index.tombstones)
+            results: list[Candidates | None] = [None] * len(q)
             pending = np.arange(len(q))
             while len(pending):
                 fetch = min(fetch, ntotal)
                 if filter is not None and fetch * 4 > ntotal:
                     # Few items match: exact scan over the matching items is cheaper and exact.
-                    for row, hits in zip(
-                        pending, self._exact_filtered(q[pending], k, filter), strict=True
+                    for row, c in zip(
+                        pending, self._exact_filtered(q[pending], n, filter), strict=True
                     ):
-                        results[row] = hits
+                        results[row] = c
                     break
                 scores, vids = self._index.search(q[pending], fetch)
                 still = []
                 for j, row in enumerate(pending):
-                    hits = self._collect(scores[j], vids[j], k, filter)
-                    if len(hits) >= k or fetch >= ntotal or len(hits) >= len(self._items):
-                        results[row] = hits
+                    c = self._collect(scores[j], vids[j], n, filter)
+                    if len(c.idx) >= n or fetch >= ntotal or len(c.idx) >= len(self._items):
+                        results[row] = c
                     else:
                         still.append(row)
                 pending = np.array(still, dtype=np.int64)
                 fetch *= 4
-            return [r if r is not None else [] for r in results]
+            return [r if r is not None else empty for r in results]
 
     def _collect(
-        self, scores: np.ndarray, vids: np.ndarray, k: int, flt: dict[str, Any] | None
-    ) -> list[Hit]:
-        hits: list[Hit] = []
-        seen: set[str] = set()
-        for s, vid in zip(scores.tolist(), vids.tolist(), strict=True):
-            owner = self._owner.get(vid)
-            if owner is None:  # -1 padding or a tombstone
-                continue
-            item_id, slot = owner
-            if item_id in seen:
-                continue
-            seen.add(item_id)
-            rec = self._items[item_id]
-            if not _matches(rec.metadata, flt):
-                continue
-            hits.append(Hit(item_id, float(s), slot if rec.segments is not None else None))
-            if len(hits) == k:
-                break
-        return hits
+        self, scores: np.ndarray, vids: np.ndarray, n: int, flt: dict[str, Any] | None
+    ) -> Candidates:
+        ok = vids >= 0  # -1 pads short results
+        vids, scores = vids[ok], scores[ok]
+        items = self._vid_item[vids]
+        live = items >= 0  # removed vectors (tombstones) map to -1
+        items, scores, vids = items[live], scores[live], vids[live]
+        _, first = np.unique(items, return_index=True)  # best vector per item (rows sorted)
+        first.sort()
+        if flt is not None:
+            keep = []
+            for j in first.tolist():
+                item_id = self._idx_id[items[j]]
+                if item_id is not None and _matches(self._items[item_id].metadata, flt):
+                    keep.append(j)
+                    if len(keep) == n:
+                        break
+            first = np.array(keep, dtype=np.int64)
+        first = first[:n]
+        return Candidates(items[first], scores[first], self._vid_slot[vids[first]])
 
-    def _exact_filtered(self, q: np.ndarray, k: int, flt: dict[str, Any]) -> list[list[Hit]]:
+    def _exact_filtered(self, q: np.ndarray, n: int, flt: dict[str, Any]) -> list[Candidates]:
         recs = [r for r in self._items.values() if _matches(r.metadata, flt)]
         if not recs:
-            return [[] for _ in range(len(q))]
+            e = Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int32))
+            return [e for _ in range(len(q))]
         counts = np.array([len(r.vectors) for r in recs])
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        idx = np.array([self._item_idx[r.id] for r in recs], dtype=np.int64)
         s = q @ np.concatenate([r.vectors for r in recs]).T  # [Q, n_vec]
         best = np.maximum.reduceat(s, offsets, axis=1)  # [Q, n_items]
         out = []
         for row in range(len(q)):
-            order = np.argsort(-best[row], kind="stable")[:k]
-            hits = []
-            for i in order:
-                r = recs[i]
-                seg = None
-                if r.segments is not None:
-                    seg = int(np.argmax(s[row, offsets[i] : offsets[i] + counts[i]]))
-                hits.append(Hit(r.id, float(best[row, i]), seg))
-            out.append(hits)
+            order = np.argsort(-best[row], kind="stable")[:n]
+            slots = [int(np.argmax(s[row, offsets[i] : offsets[i] + counts[i]])) for i in order]
+            out.append(Candidates(idx[order], best[row, order], np.array(slots, dtype=np.int32)))
         return out
 
     # ---- persistence ------------------------------------------------------------------
@@ -861,9 +929,7 @@ class Gallery:
             pos += len(vids)
             seg = [tuple(s) for s in it["seg"]] if it["seg"] is not None else None
             self._items[it["id"]] = Record(it["id"], v, it["meta"], it["hash"], seg)
-            self._vids[it["id"]] = vids
-            for slot, vid in enumerate(vids.tolist()):
-                self._owner[vid] = (it["id"], slot)
+            self._register(self._items[it["id"]], vids)
         self._version = header["version"]
         self.applied_offset = header["applied_offset"]
         self._next_vid = header["next_vid"]

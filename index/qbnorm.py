@@ -47,14 +47,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from index.gallery import Gallery, Hit, Record
+from index.gallery import Candidates, Gallery, Hit, Record
 
 if TYPE_CHECKING:
     from index.querybank import QueryBank
 
 logger = logging.getLogger(__name__)
 
-_COLUMN_CHUNK = 8192  # gallery columns per step when reducing over the bank (bounds memory)
+_COLUMN_CHUNK = 2048  # gallery columns per step when reducing over the bank (bounds memory)
 
 
 class QBNormConfig(BaseModel):
@@ -77,20 +77,19 @@ class QBNormConfig(BaseModel):
 # --------------------------------------------------------------------------------------
 
 
-def _logsumexp0(x: np.ndarray) -> np.ndarray:
-    """logsumexp over axis 0 of a 2-D array, column-chunked, float64."""
-    out = np.empty(x.shape[1], dtype=np.float64)
-    for start in range(0, x.shape[1], _COLUMN_CHUNK):
-        c = np.asarray(x[:, start : start + _COLUMN_CHUNK], dtype=np.float64)
+def log_normalisers(bank_sims: np.ndarray, beta: float) -> np.ndarray:
+    """``L_g = logsumexp_b(β s_bg)`` for every gallery column of ``bank_sims [B,G]`` (float64,
+    computed in column chunks so the float64 temporaries stay small)."""
+    bank_sims = np.asarray(bank_sims)
+    out = np.empty(bank_sims.shape[1], dtype=np.float64)
+    for start in range(0, bank_sims.shape[1], _COLUMN_CHUNK):
+        c = bank_sims[:, start : start + _COLUMN_CHUNK].astype(np.float64) * beta
         top = c.max(axis=0)
         top = np.where(np.isfinite(top), top, 0.0)
-        out[start : start + c.shape[1]] = top + np.log(np.exp(c - top).sum(axis=0))
+        c -= top
+        np.exp(c, out=c)
+        out[start : start + c.shape[1]] = top + np.log(c.sum(axis=0))
     return out
-
-
-def log_normalisers(bank_sims: np.ndarray, beta: float) -> np.ndarray:
-    """``L_g = logsumexp_b(β s_bg)`` for every gallery column of ``bank_sims [B,G]``."""
-    return _logsumexp0(beta * np.asarray(bank_sims, dtype=np.float64))
 
 
 def activation_set(bank_sims: np.ndarray, k: int = 1) -> np.ndarray:
@@ -176,7 +175,9 @@ class QBNormalizer:
     """Serving-time QB-Norm over one gallery and one querybank (see the module docstring).
 
     Build it with :meth:`fit` (attaches to the gallery so later upserts/removes update the
-    state incrementally), then call :meth:`search` or :meth:`apply` on raw shortlists.
+    state incrementally), then call :meth:`search`, or :meth:`apply` on raw hit lists.
+    State is kept in arrays indexed by the gallery's dense item index, so a query's
+    shortlist is normalised with a few vectorised numpy operations.
 
     Args:
         bank: ``[B,D]`` bank query vectors (``[B,K,D]`` for set models), L2-normalised.
@@ -195,11 +196,11 @@ class QBNormalizer:
         self.gallery_version: int | None = None
         self._lock = threading.RLock()
         self._gallery: Gallery | None = None
-        self._lognorm: dict[str, float] = {}
+        self._lognorm = np.full(0, np.nan)  # by gallery item index; NaN = not computed
+        self._active = np.zeros(0, dtype=bool)  # by gallery item index
         kk = max(1, self.config.k)
         self._top_scores = np.full((len(self.bank), kk), -np.inf, dtype=np.float32)
-        self._top_ids = np.full((len(self.bank), kk), None, dtype=object)
-        self._active: frozenset[str] = frozenset()
+        self._top_idx = np.full((len(self.bank), kk), -1, dtype=np.int64)
 
     @classmethod
     def from_bank(cls, bank: QueryBank, config: QBNormConfig | None = None) -> QBNormalizer:
@@ -213,23 +214,34 @@ class QBNormalizer:
     @property
     def active_ids(self) -> frozenset[str]:
         """The activation set: items in the top-k of at least one bank query."""
-        return self._active
+        g = self._require_gallery()
+        ids = (g.item_id(int(i)) for i in np.flatnonzero(self._active))
+        return frozenset(i for i in ids if i is not None)
 
     def lognorm(self, item_id: str) -> float | None:
-        return self._lognorm.get(item_id)
+        """``logsumexp_b(β s_b)`` for a live item, or None."""
+        idx = self._require_gallery().item_index(item_id)
+        if idx is None or idx >= len(self._lognorm) or np.isnan(self._lognorm[idx]):
+            return None
+        return float(self._lognorm[idx])
+
+    def _require_gallery(self) -> Gallery:
+        if self._gallery is None:
+            raise RuntimeError("QBNormalizer needs fit(gallery) first")
+        return self._gallery
 
     # ---- building and incremental updates ---------------------------------------------
 
     def fit(self, gallery: Gallery, batch_items: int = 4096, attach: bool = True) -> QBNormalizer:
         """One pass of the bank over every gallery item; optionally follow its changes."""
         with gallery._lock, self._lock:
-            self._lognorm.clear()
+            self._gallery = gallery
+            self._lognorm = np.full(gallery.index_capacity, np.nan)
             self._top_scores.fill(-np.inf)
-            self._top_ids.fill(None)
+            self._top_idx.fill(-1)
             for ids, vectors, offsets in gallery.iter_vectors(batch_items):
                 self._add_items(ids, vectors, offsets)
-            self._active = self._activation()
-            self._gallery = gallery
+            self._refresh_active()
             self.gallery_version = gallery.version
             if attach:
                 gallery.add_listener(self.update)
@@ -237,8 +249,8 @@ class QBNormalizer:
             "qbnorm: fitted bank v%d (%d queries) over %d items, %d activated",
             self.bank_version,
             len(self.bank),
-            len(self._lognorm),
-            len(self._active),
+            len(gallery),
+            int(self._active.sum()),
         )
         return self
 
@@ -249,94 +261,105 @@ class QBNormalizer:
                 self._gallery.remove_listener(self.update)
 
     def update(self, upserted: list[Record], removed: list[str]) -> None:
-        """Gallery listener: keep normalisers and activation set current."""
+        """Gallery listener (called after the gallery applied the change): keep normalisers
+        and the activation set current."""
+        g = self._require_gallery()
         with self._lock:
-            gone = set(removed) | {r.id for r in upserted if r.id in self._lognorm}
-            for item_id in gone:
-                self._lognorm.pop(item_id, None)
-            stale = np.zeros(len(self.bank), dtype=bool)
-            if gone:
-                hit = np.isin(self._top_ids, list(gone))
-                stale = np.asarray(hit.any(axis=1), dtype=bool)
-                self._top_scores[hit] = -np.inf
-                self._top_ids[hit] = None
+            # bank top-k entries whose item was removed or replaced (its index is now dead)
+            flat = self._top_idx.ravel().tolist()
+            dead = np.array([i >= 0 and g.item_id(i) is None for i in flat]).reshape(
+                self._top_idx.shape
+            )
+            stale = dead.any(axis=1)
+            self._top_scores[dead] = -np.inf
+            self._top_idx[dead] = -1
             if upserted:
                 counts = np.array([len(r.vectors) for r in upserted], dtype=np.int64)
                 offsets = np.concatenate([[0], np.cumsum(counts)])
-                self._add_items(
-                    [r.id for r in upserted], np.concatenate([r.vectors for r in upserted]), offsets
-                )
-            if stale.any() and self._gallery is not None:
+                vectors = np.concatenate([r.vectors for r in upserted])
+                self._add_items([r.id for r in upserted], vectors, offsets)
+            if stale.any():
                 self._refill(np.flatnonzero(stale))
-            self._active = self._activation()
-            if self._gallery is not None:
-                self.gallery_version = self._gallery.version
+            self._refresh_active()
+            self.gallery_version = g.version
 
     def _add_items(self, ids: list[str], vectors: np.ndarray, offsets: np.ndarray) -> None:
+        g = self._require_gallery()
+        idx = np.array([g.item_index(i) for i in ids], dtype=np.int64)
+        if len(idx) and idx.max() >= len(self._lognorm):
+            grow = max(int(idx.max()) + 1, 2 * len(self._lognorm)) - len(self._lognorm)
+            self._lognorm = np.concatenate([self._lognorm, np.full(grow, np.nan)])
         s = _item_scores(self.bank, vectors, offsets)  # [B, n]
-        lse = log_normalisers(s, self.config.beta)
-        self._lognorm.update(zip(ids, lse.tolist(), strict=True))
+        self._lognorm[idx] = log_normalisers(s, self.config.beta)
         # merge into each bank query's running top-k
         kk = self._top_scores.shape[1]
         all_s = np.concatenate([self._top_scores, s.astype(np.float32)], axis=1)
-        all_i = np.concatenate(
-            [self._top_ids, np.array(ids, dtype=object)[None].repeat(len(s), 0)], 1
-        )
+        all_i = np.concatenate([self._top_idx, np.broadcast_to(idx, s.shape)], axis=1)
         part = np.argpartition(-all_s, kk - 1, axis=1)[:, :kk]
         self._top_scores = np.take_along_axis(all_s, part, 1)
-        self._top_ids = np.take_along_axis(all_i, part, 1)
+        self._top_idx = np.take_along_axis(all_i, part, 1)
 
     def _refill(self, rows: np.ndarray) -> None:
         """Recompute the top-k of bank queries that lost an item (search the gallery)."""
-        assert self._gallery is not None
+        g = self._require_gallery()
         kk = self._top_scores.shape[1]
-        hits = self._gallery.search(self.bank[rows], kk)
-        for row, row_hits in zip(rows, hits, strict=True):
+        for row, hits in zip(rows, g.search(self.bank[rows], kk), strict=True):
             self._top_scores[row] = -np.inf
-            self._top_ids[row] = None
-            for j, h in enumerate(row_hits):
+            self._top_idx[row] = -1
+            for j, h in enumerate(hits):
                 self._top_scores[row, j] = h.score
-                self._top_ids[row, j] = h.id
+                idx = g.item_index(h.id)
+                self._top_idx[row, j] = -1 if idx is None else idx
 
-    def _activation(self) -> frozenset[str]:
-        return frozenset(i for i in self._top_ids.ravel().tolist() if i is not None)
+    def _refresh_active(self) -> None:
+        active = np.zeros(len(self._lognorm), dtype=bool)
+        top = self._top_idx[self._top_idx >= 0]
+        active[top[top < len(active)]] = True
+        self._active = active
 
     # ---- query time -------------------------------------------------------------------
 
+    def _lognorms(self, idx: np.ndarray) -> np.ndarray:
+        g = self._require_gallery()
+        out = np.full(len(idx), np.nan)
+        inside = idx < len(self._lognorm)
+        out[inside] = self._lognorm[idx[inside]]
+        for j in np.flatnonzero(np.isnan(out)):  # an item the listener has not seen
+            item_id = g.item_id(int(idx[j]))
+            rec = g.get(item_id) if item_id is not None else None
+            if rec is None:
+                raise KeyError(f"qbnorm: no normaliser for item index {idx[j]}")
+            s = _item_scores(self.bank, rec.vectors, np.array([0, len(rec.vectors)]))
+            out[j] = log_normalisers(s, self.config.beta)[0]
+        return out
+
+    def _rank(self, idx: np.ndarray, raw: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        """Order and normalised scores for one shortlist sorted by raw score (best first)."""
+        lognorm = self._lognorms(idx)
+        beta = self.config.beta
+        top_active = idx[0] < len(self._active) and bool(self._active[idx[0]])
+        if mode == "is" or top_active:
+            norm = raw.astype(np.float64) - lognorm / beta
+            return np.argsort(-norm, kind="stable"), norm
+        return np.arange(len(idx)), raw.astype(np.float64) - lognorm[0] / beta
+
     def apply(self, hits: list[list[Hit]], mode: str | None = None) -> list[list[Hit]]:
-        """Normalise and re-rank raw shortlists (each sorted or not); see the module doc."""
+        """Normalise and re-rank raw hit lists (all candidates kept; see the module doc)."""
         mode = mode or self.config.mode
         if mode == "off":
             return [sorted(row, key=lambda h: -h.score) for row in hits]
-        beta = self.config.beta
+        g = self._require_gallery()
         out: list[list[Hit]] = []
         with self._lock:
             for row in hits:
+                row = sorted(row, key=lambda h: -h.score)
                 if not row:
                     out.append([])
                     continue
-                row = sorted(row, key=lambda h: -h.score)
-                lognorm = np.array([self._item_lognorm(h.id) for h in row])
-                raw = np.array([h.score for h in row])
-                if mode == "is" or row[0].id in self._active:
-                    norm = raw - lognorm / beta
-                    order = np.argsort(-norm, kind="stable")
-                else:
-                    norm = raw - lognorm[0] / beta
-                    order = np.arange(len(row))
+                idx = np.array([g.item_index(h.id) for h in row], dtype=np.int64)
+                order, norm = self._rank(idx, np.array([h.score for h in row]), mode)
                 out.append([replace(row[i], norm_score=float(norm[i])) for i in order])
         return out
-
-    def _item_lognorm(self, item_id: str) -> float:
-        value = self._lognorm.get(item_id)
-        if value is None:  # an item the listener has not seen (e.g. not attached)
-            rec = self._gallery.get(item_id) if self._gallery is not None else None
-            if rec is None:
-                raise KeyError(f"qbnorm: no normaliser for item {item_id!r}")
-            s = _item_scores(self.bank, rec.vectors, np.array([0, len(rec.vectors)]))
-            value = float(log_normalisers(s, self.config.beta)[0])
-            self._lognorm[item_id] = value
-        return value
 
     def search(
         self,
@@ -346,14 +369,33 @@ class QBNormalizer:
         mode: str | None = None,
         shortlist: int | None = None,
     ) -> list[list[Hit]]:
-        """Gallery search of ``shortlist`` raw candidates, normalised, top-``k`` kept."""
-        if self._gallery is None:
-            raise RuntimeError("QBNormalizer.search needs fit(gallery) first")
+        """Gallery search of a raw shortlist, normalised and re-ranked, top-``k`` kept.
+
+        ``mode`` overrides the configured mode for this call ("off" = plain search).
+        """
+        g = self._require_gallery()
+        mode = mode or self.config.mode
+        if mode == "off":
+            return g.search(queries, k, filter=filter)
         n = max(k, shortlist or self.config.shortlist)
-        if (mode or self.config.mode) == "off":
-            n = k
-        raw = self._gallery.search(queries, n, filter=filter)
-        return [row[:k] for row in self.apply(raw, mode)]
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 3 or g.num_vectors > 1:  # set models: Smooth-Chamfer shortlist first
+            return [row[:k] for row in self.apply(g.search(q, n, filter=filter), mode)]
+        if q.ndim == 1:
+            q = q[None]
+        out: list[list[Hit]] = []
+        with g._lock, self._lock:
+            for c in g.search_candidates(q, n, filter):
+                if len(c.idx) == 0:
+                    out.append([])
+                    continue
+                order, norm = self._rank(c.idx, c.scores, mode)
+                top = order[:k]
+                hits = g.to_hits(Candidates(c.idx[top], c.scores[top], c.slots[top]))
+                out.append(
+                    [replace(h, norm_score=float(v)) for h, v in zip(hits, norm[top], strict=True)]
+                )
+        return out
 
 
 def rank_agreement(a: Iterable[list[Hit]], b: Iterable[list[Hit]], k: int = 10) -> float:
