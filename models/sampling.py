@@ -177,44 +177,48 @@ class AdaptiveNegativeSampler:
         Returns:
             A ``NegativeSample`` with bank ``indices``, their ``ids`` and ``embeddings``, and the
             drawn ``ranks`` and ``factors``, each ``[B, K]`` (embeddings ``[B, K, D]``).
+            Where no negative exists (empty bank, or a bank holding only the query's
+            excluded id) ``indices`` and ``ids`` are ``EMPTY_ID`` (-1) and the embeddings 0.
             Each query counts as one step towards the next refresh.
-
-        Raises:
-            ValueError: the bank is empty, or holds only the excluded id of some query.
         """
-        if self.size == 0:
-            raise ValueError("the memory bank is empty: call update() first")
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [B, {self.dim}], got {tuple(queries.shape)}")
         b = queries.shape[0]
         device = self.embeddings.device
+        if self.size == 0:  # nothing to draw from yet: every slot is EMPTY_ID
+            empty = torch.full((b, num_negatives), EMPTY_ID, dtype=torch.long, device=device)
+            vectors = self.embeddings.new_zeros(b, num_negatives, self.dim)
+            return NegativeSample(empty, empty.clone(), vectors, empty.clone(), empty.clone())
         queries = queries.detach().to(self.embeddings)
         if exclude_ids is None:
             exclude_ids = torch.full((b,), EMPTY_ID, dtype=torch.long, device=device)
         exclude = exclude_ids.to(device=device, dtype=torch.long).unsqueeze(1)  # [B, 1]
         allowed = self.ids[: self.size].unsqueeze(0) != exclude  # [B, A]
-        if not bool(allowed.any(dim=1).all()):
-            raise ValueError("the bank holds no item other than a query's excluded id")
+        has_allowed = allowed.any(dim=1, keepdim=True)  # [B, 1]
         stale = self.steps_since_refresh >= self.refresh_interval
         if self.ranking is None or stale or self.table_size != self.size:
             self.refresh()
         positions, ranks, factors = self._draw(queries, num_negatives)
         for _ in range(self.max_rejections):
-            rejected = self.ids[positions] == exclude  # [B, K]
+            rejected = (self.ids[positions] == exclude) & has_allowed  # [B, K]
             if not bool(rejected.any()):
                 break
             new_positions, new_ranks, new_factors = self._draw(queries, num_negatives)
             positions = torch.where(rejected, new_positions, positions)
             ranks = torch.where(rejected, new_ranks, ranks)
             factors = torch.where(rejected, new_factors, factors)
-        rejected = self.ids[positions] == exclude
+        rejected = (self.ids[positions] == exclude) & has_allowed
         if bool(rejected.any()):  # rare: fall back to a uniform draw among the allowed items
             scores = self._uniform((b, num_negatives, self.size), device)
             scores = scores.masked_fill(~allowed.unsqueeze(1), -1.0)
             positions = torch.where(rejected, scores.argmax(dim=-1), positions)
         self.steps_since_refresh += b
+        ids = self.ids[positions].masked_fill(~has_allowed, EMPTY_ID)
+        vectors = self.embeddings[positions].masked_fill(~has_allowed.unsqueeze(-1), 0.0)
         return NegativeSample(
-            indices=positions,
-            ids=self.ids[positions],
-            embeddings=self.embeddings[positions],
+            indices=positions.masked_fill(~has_allowed, EMPTY_ID),
+            ids=ids,
+            embeddings=vectors,
             ranks=ranks,
             factors=factors,
         )

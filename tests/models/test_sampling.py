@@ -65,10 +65,15 @@ def test_never_returns_excluded_id() -> None:
     assert bool((ids[out.indices] == out.ids).all())
     only_one = AdaptiveNegativeSampler(4, 2, lam=1.0)
     only_one.update(torch.randn(4, 2), torch.full((4,), 7))
-    with pytest.raises(ValueError, match="no item other"):
-        only_one.sample(torch.randn(1, 2), torch.tensor([7]))
-    with pytest.raises(ValueError, match="empty"):
-        AdaptiveNegativeSampler(4, 2, lam=1.0).sample(torch.randn(1, 2))
+    none_left = only_one.sample(torch.randn(2, 2), torch.tensor([7, 3]), num_negatives=2)
+    assert none_left.ids[0].tolist() == [-1, -1] and none_left.indices[0].tolist() == [-1, -1]
+    assert none_left.ids[1].tolist() == [7, 7]  # id 3 is not in the bank: 7 is a negative
+    assert bool((none_left.embeddings[0] == 0).all())
+    empty = AdaptiveNegativeSampler(4, 2, lam=1.0).sample(torch.randn(3, 2), num_negatives=2)
+    assert empty.ids.shape == (3, 2) and bool((empty.ids == -1).all())
+    assert empty.embeddings.shape == (3, 2, 2)
+    with pytest.raises(ValueError, match="queries must be"):
+        only_one.sample(torch.randn(1, 3))
 
 
 def test_refresh_schedule() -> None:
