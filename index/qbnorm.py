@@ -21,7 +21,11 @@ Two forms:
   activation set). Both are computed once per (bank version, gallery) with one pass of the
   bank over the gallery, then kept current on every upsert/remove (one pass over the bank per
   new item; a removal re-searches only the bank queries whose top-``k`` lost an item). A
-  query pays only for its shortlist: gallery search, then ``O(shortlist)`` arithmetic.
+  query pays only for its shortlist: gallery search, then ``O(shortlist)`` arithmetic. The
+  shortlist is adaptive: it starts at 64 and grows (x4, up to ``shortlist``) only while an
+  item outside it could still enter the top-``k`` (bound: raw score ≤ the last candidate's,
+  ``L`` ≥ the smallest ``L``), so with an exact index the result is provably the dense
+  form's whenever the bound is met before the cap.
 
 What a normalised score means (``Hit.norm_score``), so it stays comparable across queries:
 ``norm_score = s − L_g / β``, in cosine units: the query's similarity to the item minus a
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _COLUMN_CHUNK = 2048  # gallery columns per step when reducing over the bank (bounds memory)
+MIN_ADAPTIVE_SHORTLIST = 64  # first shortlist of the adaptive search
 
 
 class QBNormConfig(BaseModel):
@@ -68,7 +73,12 @@ class QBNormConfig(BaseModel):
     )
     k: int = Field(default=1, description="activation set: top-k items of each bank query")
     shortlist: int = Field(
-        default=1000, description="raw candidates per query that are normalised and re-ranked"
+        default=1000, description="most raw candidates per query normalised and re-ranked"
+    )
+    adaptive: bool = Field(
+        default=True,
+        description="start small and grow the shortlist (x4) only until the top-k is provably "
+        "the same as over the whole gallery, or the shortlist cap is reached",
     )
 
 
@@ -201,6 +211,8 @@ class QBNormalizer:
         kk = max(1, self.config.k)
         self._top_scores = np.full((len(self.bank), kk), -np.inf, dtype=np.float32)
         self._top_idx = np.full((len(self.bank), kk), -1, dtype=np.int64)
+        self._lognorm_min = np.inf  # min L over items ever seen (a safe bound after removals)
+        self.stats = {"queries": 0, "candidates": 0, "exact": 0}  # search(): shortlist use
 
     @classmethod
     def from_bank(cls, bank: QueryBank, config: QBNormConfig | None = None) -> QBNormalizer:
@@ -239,6 +251,7 @@ class QBNormalizer:
             self._lognorm = np.full(gallery.index_capacity, np.nan)
             self._top_scores.fill(-np.inf)
             self._top_idx.fill(-1)
+            self._lognorm_min = np.inf
             for ids, vectors, offsets in gallery.iter_vectors(batch_items):
                 self._add_items(ids, vectors, offsets)
             self._refresh_active()
@@ -290,7 +303,10 @@ class QBNormalizer:
             grow = max(int(idx.max()) + 1, 2 * len(self._lognorm)) - len(self._lognorm)
             self._lognorm = np.concatenate([self._lognorm, np.full(grow, np.nan)])
         s = _item_scores(self.bank, vectors, offsets)  # [B, n]
-        self._lognorm[idx] = log_normalisers(s, self.config.beta)
+        lse = log_normalisers(s, self.config.beta)
+        self._lognorm[idx] = lse
+        if len(lse):
+            self._lognorm_min = min(self._lognorm_min, float(lse.min()))
         # merge into each bank query's running top-k
         kk = self._top_scores.shape[1]
         all_s = np.concatenate([self._top_scores, s.astype(np.float32)], axis=1)
@@ -333,12 +349,14 @@ class QBNormalizer:
             out[j] = log_normalisers(s, self.config.beta)[0]
         return out
 
+    def _is_active(self, idx: int) -> bool:
+        return idx < len(self._active) and bool(self._active[idx])
+
     def _rank(self, idx: np.ndarray, raw: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
         """Order and normalised scores for one shortlist sorted by raw score (best first)."""
         lognorm = self._lognorms(idx)
         beta = self.config.beta
-        top_active = idx[0] < len(self._active) and bool(self._active[idx[0]])
-        if mode == "is" or top_active:
+        if mode == "is" or self._is_active(int(idx[0])):
             norm = raw.astype(np.float64) - lognorm / beta
             return np.argsort(-norm, kind="stable"), norm
         return np.arange(len(idx)), raw.astype(np.float64) - lognorm[0] / beta
@@ -377,25 +395,47 @@ class QBNormalizer:
         mode = mode or self.config.mode
         if mode == "off":
             return g.search(queries, k, filter=filter)
-        n = max(k, shortlist or self.config.shortlist)
+        cap = max(k, shortlist or self.config.shortlist)
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 3 or g.num_vectors > 1:  # set models: Smooth-Chamfer shortlist first
-            return [row[:k] for row in self.apply(g.search(q, n, filter=filter), mode)]
+            return [row[:k] for row in self.apply(g.search(q, cap, filter=filter), mode)]
         if q.ndim == 1:
             q = q[None]
-        out: list[list[Hit]] = []
+        n = min(cap, max(4 * k, MIN_ADAPTIVE_SHORTLIST)) if self.config.adaptive else cap
+        out: list[list[Hit] | None] = [None] * len(q)
+        pending = np.arange(len(q))
         with g._lock, self._lock:
-            for c in g.search_candidates(q, n, filter):
-                if len(c.idx) == 0:
-                    out.append([])
-                    continue
-                order, norm = self._rank(c.idx, c.scores, mode)
-                top = order[:k]
-                hits = g.to_hits(Candidates(c.idx[top], c.scores[top], c.slots[top]))
-                out.append(
-                    [replace(h, norm_score=float(v)) for h, v in zip(hits, norm[top], strict=True)]
-                )
-        return out
+            while len(pending):
+                still = []
+                for row, c in zip(pending, g.search_candidates(q[pending], n, filter), strict=True):
+                    if len(c.idx) == 0:
+                        out[row] = []
+                        continue
+                    order, norm = self._rank(c.idx, c.scores, mode)
+                    top = order[:k]
+                    # Exact once nothing outside the shortlist can enter the top-k: an unseen
+                    # item has raw score <= the last candidate's and L >= the smallest L.
+                    normalised = mode == "is" or self._is_active(int(c.idx[0]))
+                    bound = float(c.scores[-1]) - self._lognorm_min / self.config.beta
+                    exact = (
+                        len(c.idx) < n  # the gallery (or filter) has no more items
+                        or not normalised
+                        or norm[top[-1]] >= bound
+                    )
+                    if exact or n >= cap:
+                        hits = g.to_hits(Candidates(c.idx[top], c.scores[top], c.slots[top]))
+                        out[row] = [
+                            replace(h, norm_score=float(v))
+                            for h, v in zip(hits, norm[top], strict=True)
+                        ]
+                        self.stats["queries"] += 1
+                        self.stats["candidates"] += len(c.idx)
+                        self.stats["exact"] += int(exact)
+                    else:
+                        still.append(row)
+                pending = np.array(still, dtype=np.int64)
+                n = min(cap, n * 4)
+        return [r if r is not None else [] for r in out]
 
 
 def rank_agreement(a: Iterable[list[Hit]], b: Iterable[list[Hit]], k: int = 10) -> float:

@@ -135,3 +135,22 @@ def test_incremental_updates_match_a_fresh_fit(tmp_path: Path) -> None:
         assert qb.lognorm(item_id) == pytest.approx(fresh.lognorm(item_id), abs=1e-4)
     assert qb.lognorm(sorted(active_before)[0]) is None
     assert rank_agreement(qb.search(queries, 10), fresh.search(queries, 10)) == 1.0
+
+
+def test_adaptive_shortlist_is_exact_and_small(tmp_path: Path) -> None:
+    gallery_vecs, bank, queries = problem(g=3000, b=400, q=60, seed=21)
+    g = Gallery(tmp_path, DIM, config=GalleryConfig(fsync=False))
+    g.upsert([Record(f"i{i}", v[None]) for i, v in enumerate(gallery_vecs)])
+    cfg = QBNormConfig(shortlist=3000)
+    qb = QBNormalizer(bank, cfg).fit(g)
+    sims, bank_sims = queries @ gallery_vecs.T, bank @ gallery_vecs.T
+    for mode, dense in [
+        ("dis", dynamic_inverted_softmax(sims, bank_sims, cfg.beta, cfg.k)),
+        ("is", inverted_softmax(sims, bank_sims, cfg.beta)),
+    ]:
+        top = [[f"i{j}" for j in np.argsort(-row, kind="stable")[:10]] for row in dense]
+        assert [[h.id for h in r] for r in qb.search(queries, 10, mode=mode)] == top
+    assert qb.stats["exact"] == qb.stats["queries"] == 120
+    assert qb.stats["candidates"] / qb.stats["queries"] < 3000  # never needed the whole gallery
+    fixed = QBNormalizer(bank, QBNormConfig(shortlist=3000, adaptive=False)).fit(g, attach=False)
+    assert rank_agreement(fixed.search(queries, 10), qb.search(queries, 10)) == 1.0
