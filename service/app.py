@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -199,15 +200,14 @@ def build_state(state: ServiceState, model: Any = None) -> None:
 
 
 def open_galleries(settings: Settings, model: Any) -> dict[str, Any]:
-    """One durable gallery per modality under ``<data_dir>/index/<model>/<modality>``."""
+    """One durable gallery per modality under ``<data_dir>/index/<model name>/<modality>``:
+    vectors of different models never share (or corrupt) an index."""
     from index.gallery import Gallery
 
-    root = Path(settings.data_dir) / "index"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(getattr(model, "name", "model"))) or "model"
+    root = Path(settings.data_dir) / "index" / safe
     return {
-        m: Gallery(
-            root / m, dim=model.embed_dim, num_vectors=model.num_vectors, config=settings.index
-        )
-        for m in MODALITIES
+        m: Gallery(root / m, model.embed_dim, model.num_vectors, settings.index) for m in MODALITIES
     }
 
 

@@ -29,7 +29,12 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
-_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's ANSI-coloured duplicate of msg
+}
 
 
 class RequestIdFilter(logging.Filter):
@@ -37,7 +42,7 @@ class RequestIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
-            record.request_id = request_id_var.get()
+            record.request_id = request_id_var.get() or "-"
         return True
 
 
@@ -53,7 +58,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         request_id = getattr(record, "request_id", None)
-        if request_id:
+        if request_id and request_id != "-":
             payload["request_id"] = request_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and key != "request_id" and not key.startswith("_"):
