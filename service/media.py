@@ -59,6 +59,9 @@ VIDEO_CONTAINERS = frozenset(
 # Frames of a video are downscaled to this longest side before they are kept: the encoders
 # resize to ~224 px anyway, and 36 full-resolution 4K frames would cost ~1 GB of RAM.
 MAX_FRAME_SIDE = 512
+# A video whose decodable frames end before this fraction of its declared duration is
+# truncated (an interrupted upload), and refused rather than indexed half.
+TRUNCATED_FRACTION = 0.9
 # Never let a careless global setting disable PIL's own bomb guard; ours (settings) is stricter.
 if Image.MAX_IMAGE_PIXELS is None:
     Image.MAX_IMAGE_PIXELS = 89_478_485
@@ -291,14 +294,17 @@ def load_video(
 
     Each segment keeps ``settings.video_frames_per_segment`` RGB frames, sampled at evenly
     spaced times inside it (the frame on screen at each target time), downscaled to at most
-    ``max_frame_side`` pixels on the longest side. A short last segment is kept as it is.
-    Frames are picked while decoding, so memory holds one decoded frame at a time.
+    ``max_frame_side`` pixels on the longest side. A last segment shorter than a quarter
+    segment joins the one before. Frames are picked while decoding, so memory holds one
+    decoded frame at a time. A video whose frames stop well before its declared duration is
+    truncated (422).
     """
     with _open_container(source) as container:
         stream = _video_stream(container)
-        duration = _container_duration(container, stream)
+        duration = declared = _container_duration(container, stream)
         _check_video_limits(stream, duration, settings)
         if duration is None or duration <= 0:
+            declared = None
             duration = _demux_duration(container, stream, settings.max_video_seconds)
             container.seek(0)
         segments = _segment_spans(duration, settings)
@@ -331,7 +337,12 @@ def load_video(
             raise MediaError("video is too large to decode", 413) from exc
         except (av_errors(), OSError, ValueError) as exc:
             raise MediaError(f"corrupt or truncated video: {exc}", 422) from exc
-    # Metadata can overstate the length: drop segments that start after the last frame.
+    rate = float(stream.average_rate) if stream.average_rate else 25.0
+    if declared is not None and last_t + 1 / rate < declared * TRUNCATED_FRACTION - 0.5:
+        raise MediaError(
+            f"video is truncated: frames end at {last_t:.1f} s of a declared {declared:.1f} s", 422
+        )
+    # Metadata can overstate the length a little: drop segments after the last frame.
     out = [
         VideoSegment(start=start, end=end, frames=frames)
         for (start, end), frames in zip(segments, picked, strict=True)

@@ -33,9 +33,12 @@ periodically. ``stop()`` lets the in-flight batch finish.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,13 +48,15 @@ import torch
 from index.gallery import Gallery, Record
 from service import media
 from service.jobs import ItemUpdate, JobStore
-from service.media import DecodedVideo, MediaError
+from service.media import DecodedVideo, MediaError, VideoInfo
 from service.queue import IngestQueue, Message
 from service.settings import IngestSettings, Settings, WorkerSettings
 
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500  # idle read timeout: how fast an idle worker notices stop()
+VIDEO_FRAME_BUDGET = 1024  # sampled frames decoded (held in memory) at once, across videos
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # PIL and FFmpeg decode outside the GIL
 
 
 class VectorSink(Protocol):
@@ -105,6 +110,12 @@ class BatchReport:
 
 
 @dataclass
+class _PendingVideo:
+    raw: bytes
+    info: VideoInfo
+
+
+@dataclass
 class _Work:
     msg: Message
     modality: str
@@ -131,6 +142,7 @@ class Worker:
         on_batch: called with each :class:`BatchReport` (tests, custom metrics).
         record_metrics: record into :mod:`service.metrics` (Prometheus).
         stop_event: an event shared with the caller; setting it stops the loop (like stop()).
+        decode_threads: threads decoding media in parallel (1 = in the worker thread).
     """
 
     def __init__(
@@ -145,6 +157,7 @@ class Worker:
         on_batch: Callable[[BatchReport], None] | None = None,
         record_metrics: bool = True,
         stop_event: threading.Event | None = None,
+        decode_threads: int = DECODE_THREADS,
     ) -> None:
         self.model = model
         self.queue = queue
@@ -156,6 +169,11 @@ class Worker:
         self.on_batch = on_batch
         self.record_metrics = record_metrics
         self._stop = stop_event if stop_event is not None else threading.Event()
+        self._pool = (
+            ThreadPoolExecutor(decode_threads, thread_name_prefix="xmodal-decode")
+            if decode_threads > 1
+            else None
+        )
         self._busy = threading.Lock()  # held while a batch is in flight
         self._claim_every = max(0.05, min(self.cfg.claim_idle_ms / 2000, 30.0))
         self._next_claim = 0.0
@@ -176,11 +194,18 @@ class Worker:
                 )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
+        self.close()
         logger.info("worker %s stopped", self.consumer)
 
     def stop(self) -> None:
         """Ask the loop to exit after the in-flight batch."""
         self._stop.set()
+
+    def close(self) -> None:
+        """Release the decode threads (after the loop ended, or when only run_once is used)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     @property
     def stopping(self) -> bool:
@@ -237,14 +262,14 @@ class Worker:
         done: list[Message] = []  # to ack once the job state is recorded
         updates: list[ItemUpdate] = []
         work: list[_Work] = []
-        for m in live:
-            try:
-                work.append(self._decode(m))
-            except MediaError as exc:
-                self._fail(m, str(exc), updates, done, report)
-            except Exception as exc:  # noqa: BLE001 - unexpected: retry, then dead-letter
-                logger.exception("decoding item %s of job %s failed", _item_id(m), m.job_id)
-                self._retry(m, f"decode error: {exc!r}", report)
+        for m, result in zip(live, self._map(self._decode, live), strict=True):
+            if isinstance(result, MediaError):
+                self._fail(m, str(result), updates, done, report)
+            elif isinstance(result, Exception):  # unexpected: retry, then dead-letter
+                logger.error("decoding item %s of job %s failed: %r", _item_id(m), m.job_id, result)
+                self._retry(m, f"decode error: {result!r}", report)
+            else:
+                work.append(result)
 
         known = self.sink.known_hashes([w.item_id for w in work]) if work else {}
         todo = []
@@ -297,8 +322,8 @@ class Worker:
         content: Any
         if modality == "image":
             content = media.load_image(raw, self.ingest)
-        else:
-            content = media.load_video(raw, self.ingest)
+        else:  # checked now, decoded at encode time (see _encode)
+            content = _PendingVideo(raw, media.probe_video(raw, self.ingest))
         return _Work(m, modality, content, digest)
 
     def _raw_bytes(self, item: dict[str, Any]) -> bytes:
@@ -325,39 +350,80 @@ class Worker:
     ) -> tuple[dict[str, list[Record]], list[_Work]]:
         records: dict[str, list[Record]] = {}
         written: list[_Work] = []
-        for modality in ("text", "image", "video"):
+        for modality in ("text", "image"):
             group = [w for w in todo if w.modality == modality]
-            if not group:
-                continue
-            t0 = time.perf_counter()
-            try:
-                vectors = self._embed(modality, group)
-                ok = list(zip(group, vectors, strict=True))
-            except Exception:  # noqa: BLE001 - isolate the poison item
-                logger.warning(
-                    "batch encode of %d %s items failed; one by one", len(group), modality
-                )
-                ok = []
-                for w in group:
-                    try:
-                        ok.append((w, self._embed(modality, [w])[0]))
-                    except Exception as exc:  # noqa: BLE001
-                        logger.exception("encoding item %s failed", w.item_id)
-                        self._retry(w.msg, f"encode error: {exc!r}", report)
-            seconds = time.perf_counter() - t0
-            report.encode_seconds += seconds
-            if self.record_metrics and ok:
-                _metrics_encode(modality, len(ok), seconds)
-            for w, vecs in ok:
-                segments = w.content.spans if isinstance(w.content, DecodedVideo) else None
-                if segments is not None and len(segments) != len(vecs):
-                    segments = None  # set models: one K-slot set per clip
-                metadata = w.msg.item.get("metadata") or {}
-                records.setdefault(modality, []).append(
-                    Record(w.item_id, vecs, dict(metadata), w.digest, segments)
-                )
-                written.append(w)
+            if group:
+                self._encode_group(modality, group, records, written, report)
+        # Videos are decoded here, a chunk at a time under a frame budget, so a batch of long
+        # clips never holds all their frames at once.
+        videos = [w for w in todo if w.modality == "video"]
+        for chunk in _chunks_by_frames(videos, self.ingest, VIDEO_FRAME_BUDGET):
+            decoded = []
+            for w, result in zip(chunk, self._map(self._load_video, chunk), strict=True):
+                if isinstance(result, MediaError):
+                    self._fail(w.msg, str(result), updates, done, report)
+                elif isinstance(result, Exception):
+                    logger.error("decoding video %s failed: %r", w.item_id, result)
+                    self._retry(w.msg, f"decode error: {result!r}", report)
+                else:
+                    w.content = result
+                    decoded.append(w)
+            if decoded:
+                self._encode_group("video", decoded, records, written, report)
+            for w in chunk:
+                w.content = None  # drop the frames: the vectors are in the records
         return records, written
+
+    def _load_video(self, w: _Work) -> DecodedVideo:
+        return media.load_video(w.content.raw, self.ingest)
+
+    def _encode_group(
+        self,
+        modality: str,
+        group: list[_Work],
+        records: dict[str, list[Record]],
+        written: list[_Work],
+        report: BatchReport,
+    ) -> None:
+        t0 = time.perf_counter()
+        try:
+            vectors = self._embed(modality, group)
+            ok = list(zip(group, vectors, strict=True))
+        except Exception:  # noqa: BLE001 - isolate the poison item
+            logger.warning("batch encode of %d %s items failed; one by one", len(group), modality)
+            ok = []
+            for w in group:
+                try:
+                    ok.append((w, self._embed(modality, [w])[0]))
+                except Exception as exc:  # noqa: BLE001
+                    logger.exception("encoding item %s failed", w.item_id)
+                    self._retry(w.msg, f"encode error: {exc!r}", report)
+        seconds = time.perf_counter() - t0
+        report.encode_seconds += seconds
+        if self.record_metrics and ok:
+            _metrics_encode(modality, len(ok), seconds)
+        for w, vecs in ok:
+            segments = None
+            if isinstance(w.content, DecodedVideo) and not self.model.is_set_model:
+                segments = w.content.spans  # one vector per segment
+            metadata = w.msg.item.get("metadata") or {}
+            records.setdefault(modality, []).append(
+                Record(w.item_id, vecs, dict(metadata), w.digest, segments)
+            )
+            written.append(w)
+
+    def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``fn`` over ``items`` on the decode pool; an exception is returned, not raised."""
+
+        def safe(x: Any) -> Any:
+            try:
+                return fn(x)
+            except Exception as exc:  # noqa: BLE001 - sorted out by the caller
+                return exc
+
+        if len(items) <= 1 or self._pool is None:
+            return [safe(x) for x in items]
+        return list(self._pool.map(safe, items))
 
     @torch.no_grad()
     def _embed(self, modality: str, group: list[_Work]) -> list[np.ndarray]:
@@ -462,6 +528,26 @@ class Worker:
         metrics.QUEUE_DEPTH.set(stats.get("depth", 0))
         metrics.QUEUE_PENDING.set(stats.get("pending", 0))
         metrics.DEAD_LETTERS.set(stats.get("dead_letters", 0))
+
+
+def _chunks_by_frames(
+    videos: list[_Work], settings: IngestSettings, budget: int
+) -> list[list[_Work]]:
+    """Split videos into chunks whose estimated sampled frames stay within ``budget``."""
+    chunks: list[list[_Work]] = []
+    current: list[_Work] = []
+    frames = 0
+    for w in videos:
+        n_segments = max(1, math.ceil(w.content.info.duration / settings.video_segment_seconds))
+        need = n_segments * settings.video_frames_per_segment
+        if current and frames + need > budget:
+            chunks.append(current)
+            current, frames = [], 0
+        current.append(w)
+        frames += need
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _item_id(m: Message) -> str:

@@ -337,3 +337,57 @@ def test_worker_command_needs_redis_and_applies_flags(
     assert settings.worker.consumer == "gpu-0" and settings.worker.batch_size == 7
     assert settings.model.device == "cpu" and settings.redis_url.endswith("/15")
     assert command.main(["--batch-size", "0"]) == 2  # invalid settings: a clear error, not a trace
+
+
+def test_set_model_and_bad_videos(tmp_path: Path, media_root: Path, video_dir: Path) -> None:
+    """A set-embedding model stores K slot vectors per item (one set per clip); a broken
+    video fails alone; videos are decoded in chunks under the frame budget."""
+    from models.factory import get_model_config
+    from models.model import XModal
+    from service import worker as worker_module
+
+    cfg = get_model_config("tiny-random")
+    cfg = cfg.model_copy(
+        update={
+            "name": "tiny-set",
+            "head": cfg.head.model_copy(update={"pooling": "set"}),
+            "similarity": cfg.similarity.model_copy(update={"kind": "smooth_chamfer"}),
+        }
+    )
+    set_model = XModal(cfg, pretrained=False).eval()
+    galleries = open_galleries(tmp_path / "index", set_model)
+    queue = LocalQueue(tmp_path / "q.sqlite3")
+    jobs = LocalJobStore(tmp_path / "jobs.sqlite3")
+    raw = (video_dir / "sample_demo_9.mp4").read_bytes()
+    items = [
+        {"id": "clip", "modality": "video", "path": "clip.mp4"},
+        {"id": "clip2", "modality": "video", "data": base64.b64encode(raw).decode()},
+        {"id": "cut", "modality": "video", "data": base64.b64encode(raw[: len(raw) // 3]).decode()},
+        {"id": "img", "modality": "image", "data": b64_image((0, 255, 0))},
+        {"id": "txt", "modality": "text", "text": "people dancing"},
+    ]
+    jobs.create("j", [i["id"] for i in items])
+    queue.enqueue("j", items)
+    worker = Worker(
+        set_model, queue, jobs, GallerySink(galleries), make_settings(tmp_path, media_root)
+    )
+    budget = worker_module.VIDEO_FRAME_BUDGET
+    worker_module.VIDEO_FRAME_BUDGET = 8  # each clip needs 6-10 frames: one clip per chunk
+    try:
+        drain(worker, queue)
+    finally:
+        worker_module.VIDEO_FRAME_BUDGET = budget
+        worker.close()
+    status = {i.id: i for i in jobs.get("j").items}  # type: ignore[union-attr]
+    assert status["cut"].state == "failed" and status["cut"].error
+    assert all(status[i].state == "indexed" for i in ("clip", "clip2", "img", "txt"))
+    for modality, item_id in (
+        ("video", "clip"),
+        ("video", "clip2"),
+        ("image", "img"),
+        ("text", "txt"),
+    ):
+        rec = galleries[modality].get(item_id)
+        assert rec is not None and rec.vectors.shape == (4, 64) and rec.segments is None
+    queue.close()
+    jobs.close()
