@@ -224,3 +224,8 @@ class ErrorResponse(BaseModel):
     error: str
     detail: Any = None
     request_id: str | None = None
+
+
+def error_responses(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route's error statuses, all with the ErrorResponse body."""
+    return {code: {"model": ErrorResponse, "description": text} for code, text in codes.items()}

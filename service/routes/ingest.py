@@ -10,7 +10,14 @@ from fastapi import APIRouter, HTTPException, status
 
 from service import media, metrics
 from service.deps import ReadAccess, ReadyState, WriteAccess
-from service.schemas import IngestItem, IngestRequest, IngestResponse, JobItem, JobResponse
+from service.schemas import (
+    IngestItem,
+    IngestRequest,
+    IngestResponse,
+    JobItem,
+    JobResponse,
+    error_responses,
+)
 from service.settings import IngestSettings
 
 logger = logging.getLogger(__name__)
@@ -69,14 +76,16 @@ def _validate_batch(items: list[IngestItem], settings: IngestSettings) -> list[d
     response_model=IngestResponse,
     status_code=status.HTTP_202_ACCEPTED,
     dependencies=[WriteAccess],
-    responses={
-        400: {"description": "malformed item (bad base64, path outside the media root)"},
-        413: {"description": "batch, body or media too large"},
-        415: {"description": "unsupported media format"},
-        422: {"description": "invalid item (corrupt media, empty or over-long text)"},
-        429: {"description": "ingest queue full; retry after Retry-After seconds"},
-        503: {"description": "not ready"},
-    },
+    responses=error_responses(
+        {
+            400: "malformed item (bad base64, path outside the media root)",
+            413: "batch, body or media too large",
+            415: "unsupported media format",
+            422: "invalid item (corrupt media, empty or over-long text)",
+            429: "ingest queue full; retry after Retry-After seconds",
+            503: "not ready",
+        }
+    ),
 )
 async def ingest(body: IngestRequest, state: ReadyState) -> IngestResponse:
     """Queue a batch of items for indexing; 202 once it is durably queued."""
@@ -100,7 +109,7 @@ async def ingest(body: IngestRequest, state: ReadyState) -> IngestResponse:
     "/jobs/{job_id}",
     response_model=JobResponse,
     dependencies=[ReadAccess],
-    responses={404: {"description": "unknown job"}, 503: {"description": "not ready"}},
+    responses=error_responses({404: "unknown job", 503: "not ready"}),
 )
 async def get_job(job_id: str, state: ReadyState) -> JobResponse:
     """Per-item state of an ingest job."""

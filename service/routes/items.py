@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, status
 
 from service import metrics
 from service.deps import ReadAccess, ReadyState, WriteAccess
-from service.schemas import DeleteResponse, ItemResponse, Segment
+from service.schemas import DeleteResponse, ItemResponse, Segment, error_responses
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ router = APIRouter(tags=["items"])
     "/items/{item_id}",
     response_model=ItemResponse,
     dependencies=[ReadAccess],
-    responses={404: {"description": "not indexed (yet)"}, 503: {"description": "not ready"}},
+    responses=error_responses({404: "not indexed (yet)", 503: "not ready"}),
 )
 def get_item(item_id: str, state: ReadyState) -> ItemResponse:
     """An indexed item: 200 once it is searchable, 404 before."""
@@ -43,7 +43,7 @@ def get_item(item_id: str, state: ReadyState) -> ItemResponse:
     "/items/{item_id}",
     response_model=DeleteResponse,
     dependencies=[WriteAccess],
-    responses={404: {"description": "unknown item"}, 503: {"description": "not ready"}},
+    responses=error_responses({404: "unknown item", 503: "not ready"}),
 )
 async def delete_item(item_id: str, state: ReadyState) -> DeleteResponse:
     """Remove an item from the index (every modality holding its id)."""

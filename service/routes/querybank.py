@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from service import media
 from service.deps import ReadAccess, ReadyState, WriteAccess
-from service.schemas import QueryBankAppend, QueryBankResponse
+from service.schemas import QueryBankAppend, QueryBankResponse, error_responses
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ router = APIRouter(tags=["querybank"])
     "/querybank",
     response_model=QueryBankResponse,
     dependencies=[ReadAccess],
-    responses={503: {"description": "not ready"}},
+    responses=error_responses({503: "not ready"}),
 )
 async def get_querybank(state: ReadyState) -> QueryBankResponse:
     """Size and version of the serving model's text->visual bank."""
@@ -31,7 +31,7 @@ async def get_querybank(state: ReadyState) -> QueryBankResponse:
     "/querybank",
     response_model=QueryBankResponse,
     dependencies=[WriteAccess],
-    responses={422: {"description": "empty or over-long text"}, 503: {"description": "not ready"}},
+    responses=error_responses({422: "empty or over-long text", 503: "not ready"}),
 )
 async def append_querybank(body: QueryBankAppend, state: ReadyState) -> QueryBankResponse:
     """Append text queries (encoded with the serving model) to the text->visual bank."""

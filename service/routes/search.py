@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from service import media, metrics
 from service.app import ServiceState, maybe_refresh_normalizers
 from service.deps import ReadAccess, ReadyState
-from service.schemas import Modality, SearchRequest, SearchResponse, SearchResult
+from service.schemas import Modality, SearchRequest, SearchResponse, SearchResult, error_responses
 from service.settings import MODALITIES
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ _OPENAPI_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
+            # inlined: the route parses the body itself, so FastAPI does not register the model
+            "application/json": {"schema": SearchRequest.model_json_schema()},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -253,15 +254,17 @@ def _search_targets(
     response_model=SearchResponse,
     dependencies=[ReadAccess],
     openapi_extra=_OPENAPI_BODY,
-    responses={
-        400: {"description": "malformed request"},
-        404: {"description": "unknown item_id"},
-        413: {"description": "query media too large"},
-        415: {"description": "unsupported media"},
-        422: {"description": "invalid request"},
-        429: {"description": "overloaded; retry after Retry-After seconds"},
-        503: {"description": "not ready"},
-    },
+    responses=error_responses(
+        {
+            400: "malformed request",
+            404: "unknown item_id",
+            413: "query media too large",
+            415: "unsupported media",
+            422: "invalid request",
+            429: "overloaded; retry after Retry-After seconds",
+            503: "not ready",
+        }
+    ),
 )
 async def search(request: Request, state: ReadyState) -> SearchResponse:
     """Search images, videos and texts with a text, image, video, vector or item id."""

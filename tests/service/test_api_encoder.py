@@ -1,0 +1,121 @@
+"""The micro-batching query encoder (batches concurrent queries, never blocks the loop, refuses
+work beyond its cap) and the OpenAPI contract of the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.app import create_app
+from service.encoder import Overloaded, QueryEncoder
+from tests.service.test_api_helpers import make_settings
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    from models import create_model
+
+    return create_model("tiny-random", pretrained=False)
+
+
+class _Counting:
+    """Delegates to the model, counting ``embed_texts`` calls; can be held on a gate."""
+
+    def __init__(self, model: Any, gate: threading.Event | None = None) -> None:
+        self.model = model
+        self.gate = gate
+        self.batches: list[int] = []
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        self.batches.append(len(texts))
+        if any(t == "boom" for t in texts):
+            raise RuntimeError("model failure")
+        return self.model.embed_texts(texts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def test_concurrent_texts_share_model_calls(model: Any) -> None:
+    texts = [f"query number {i}" for i in range(12)]
+    counting = _Counting(model)
+
+    async def main() -> list[np.ndarray]:
+        with ThreadPoolExecutor(2) as pool:
+            enc = QueryEncoder(counting, pool, max_batch=32, wait_ms=50)
+            enc.start()
+            try:
+                return list(await asyncio.gather(*(enc.encode_text(t) for t in texts)))
+            finally:
+                await enc.stop()
+
+    out = asyncio.run(main())
+    assert sum(counting.batches) == len(texts)
+    assert len(counting.batches) < len(texts)  # batched, not one call per query
+    expected = model.embed_texts(texts)
+    np.testing.assert_allclose(np.stack(out), expected, atol=1e-5)
+
+
+def test_batch_cap_and_overload_and_errors(model: Any) -> None:
+    gate = threading.Event()
+    counting = _Counting(model, gate)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            enc = QueryEncoder(counting, pool, max_batch=2, wait_ms=1, max_pending=2)
+            enc.start()
+            try:
+                first = asyncio.ensure_future(enc.encode_text("held"))
+                await asyncio.sleep(0.1)  # the collector took it and waits on the gate
+                queued = [asyncio.ensure_future(enc.encode_text(f"q{i}")) for i in range(2)]
+                await asyncio.sleep(0.05)
+                with pytest.raises(Overloaded):
+                    await enc.encode_text("one too many")
+                gate.set()
+                await asyncio.gather(first, *queued)
+                assert max(counting.batches) <= 2
+                with pytest.raises(RuntimeError, match="model failure"):
+                    await enc.encode_text("boom")
+                # the collector survives a failed batch
+                assert (await enc.encode_text("after")).shape == (model.embed_dim,)
+            finally:
+                gate.set()
+                await enc.stop()
+
+    asyncio.run(main())
+
+
+def test_openapi_documents_every_route(tmp_path: Path) -> None:
+    spec = create_app(make_settings(tmp_path)).openapi()
+    expected = {
+        ("post", "/search"),
+        ("post", "/ingest"),
+        ("get", "/jobs/{job_id}"),
+        ("get", "/items/{item_id}"),
+        ("delete", "/items/{item_id}"),
+        ("get", "/querybank"),
+        ("post", "/querybank"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+    }
+    found = {(m, p) for p, ops in spec["paths"].items() for m in ops}
+    assert found == expected
+    for path, method in ((p, m) for m, p in expected):
+        op = spec["paths"][path][method]
+        assert op["description"] and "\n" not in op["description"].strip(), (method, path)
+        ok = op["responses"].get("200") or op["responses"].get("202")
+        assert ok is not None, (method, path)
+    body = spec["paths"]["/search"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(body)
+    assert "text" in body["application/json"]["schema"]["properties"]
+    assert spec["paths"]["/ingest"]["post"]["responses"]["413"]["content"]
+    assert "ErrorResponse" in spec["components"]["schemas"]
