@@ -391,3 +391,36 @@ def test_set_model_and_bad_videos(tmp_path: Path, media_root: Path, video_dir: P
         assert rec is not None and rec.vectors.shape == (4, 64) and rec.segments is None
     queue.close()
     jobs.close()
+
+
+class SlowModel(FlakyModel):
+    """Encoding takes a while: long enough to ask the worker to stop mid-batch."""
+
+    def __init__(self, model: Any, started: Any) -> None:
+        super().__init__(model)
+        self.started = started
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        self.started.set()
+        time.sleep(0.5)
+        return self.model.embed_texts(texts)
+
+
+def test_stop_finishes_the_in_flight_batch(tmp_path: Path, model: Any) -> None:
+    import threading
+
+    started = threading.Event()
+    settings = make_settings(tmp_path, None)
+    galleries = open_galleries(tmp_path / "index", model)
+    queue = LocalQueue(tmp_path / "q.sqlite3")
+    jobs = LocalJobStore(tmp_path / "jobs.sqlite3")
+    runner = start_embedded_worker(settings, SlowModel(model, started), galleries, queue, jobs)
+    items = [{"id": f"t{i}", "modality": "text", "text": f"caption {i}"} for i in range(4)]
+    jobs.create("j", [i["id"] for i in items])
+    queue.enqueue("j", items)
+    assert started.wait(10)
+    assert runner.stop(timeout=10)  # asked mid-encode: returns once the batch is written
+    assert jobs.get("j").state == "done"  # type: ignore[union-attr]
+    assert len(galleries["text"]) == 4 and queue.stats()["pending"] == 0
+    queue.close()
+    jobs.close()
