@@ -25,11 +25,16 @@ __all__ = [
 # ImageNet statistics (torchvision / timm convention).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Inception-style scaling (mean 127, std 128 on 0..255). The EfficientNet-Lite checkpoints were
+# trained with it ("edge models use inception-style MEAN and STDDEV for better
+# post-quantization", TF efficientnet_lite_builder.py), so the effnet-lite configs use it.
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
 class _Strict(BaseModel):
     # Unknown keys are an error: a typo in a config file must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid")
 
 
 class ImageTowerConfig(_Strict):
@@ -43,7 +48,8 @@ class ImageTowerConfig(_Strict):
     feature_dim: int = 1280
     # Local checkpoint path for open_clip towers (never downloaded); None = architecture only.
     checkpoint: str | None = None
-    # Per-channel normalisation applied after scaling pixels to [0, 1].
+    # Per-channel normalisation applied after scaling pixels to [0, 1] (ImageNet by default;
+    # INCEPTION_MEAN/STD for EfficientNet-Lite, the CLIP statistics for open_clip).
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     # Fine-tune the backbone (GPU); False = frozen, eval mode, requires_grad False.
