@@ -93,7 +93,9 @@ class Settings(BaseSettings):
         if value in (None, ""):
             return None
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"XMODAL_REDIS_URL must start with redis://, rediss:// or unix://, got {value!r}")
+            raise ValueError(
+                f"XMODAL_REDIS_URL must start with redis://, rediss:// or unix://, got {value!r}"
+            )
         return value
 
     @property

@@ -61,7 +61,9 @@ def test_k8s_env_and_args_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     docs = _k8s_docs()
     kinds = {d["kind"] for d in docs}
     assert {"Namespace", "ConfigMap", "StatefulSet", "Deployment", "Service"} <= kinds
-    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "xmodal-config")
+    config = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "xmodal-config"
+    )
     workloads = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
     xmodal_containers = [
         c
@@ -95,9 +97,7 @@ def test_dockerfile_copies_existing_paths_and_runs_the_cli() -> None:
 def test_prometheus_scrapes_the_ports_processes_listen_on() -> None:
     defaults = Settings(_env_file=None)  # type: ignore[call-arg]
     prom = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())
-    ports = {
-        job["job_name"]: job["dns_sd_configs"][0]["port"] for job in prom["scrape_configs"]
-    }
+    ports = {job["job_name"]: job["dns_sd_configs"][0]["port"] for job in prom["scrape_configs"]}
     assert ports["xmodal-api"] == defaults.port
     assert ports["xmodal-worker"] == defaults.worker.metrics_port
 
@@ -111,10 +111,10 @@ def test_grafana_dashboard_queries_metrics_the_service_exports() -> None:
 
     import service.metrics  # noqa: F401  (registers the metrics)
 
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     exported = set()
     for metric in REGISTRY.collect():
-        exported.add(metric.name)
-        exported.update(s.name for s in metric.samples)
+        exported.update(metric.name + suffix for suffix in suffixes.get(metric.type, ("",)))
     for expr in exprs:
         for name in re.findall(r"\b(xmodal_[a-z0-9_]+)", expr):
             assert name in exported, f"dashboard queries {name}, which the service does not export"
