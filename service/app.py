@@ -139,13 +139,6 @@ class ServiceState:
         """(Re)build the QB-Norm normalisers when the bank version changed."""
         build_normalizers(self, force=force)
 
-    def qbnorm_hits(
-        self, modality: str, q: np.ndarray, hits: list[Any]
-    ) -> list[tuple[Any, float]] | None:
-        """QB-Norm a text query's shortlist on one visual gallery: ``[(hit, score)]`` in
-        normalised order, or None when no bank/normaliser is available."""
-        return apply_qbnorm(self, modality, q, hits)
-
 
 # ----------------------------------------------------------------------------------------------
 # building and tearing down
@@ -283,19 +276,6 @@ def maybe_refresh_normalizers(state: ServiceState, every_s: float = 1.0) -> None
     have = current.bank_version if current is not None else None
     if version != have and (version or have):
         build_normalizers(state, force=True)
-
-
-def apply_qbnorm(
-    state: ServiceState, modality: str, q: np.ndarray, hits: list[Any]
-) -> list[tuple[Any, float]] | None:
-    """Normalised ``[(hit, score)]`` (normalised order) for a shortlist, or None without a
-    normaliser for this gallery (no bank yet)."""
-    normalizer = state.normalizers.get(modality)
-    if normalizer is None:
-        return None
-    mode = state.settings.qbnorm.mode
-    normed = normalizer.apply([hits], mode if mode != "off" else "dis")[0]
-    return [(h, float(h.norm_score if h.norm_score is not None else h.score)) for h in normed]
 
 
 def stop_worker(obj: Any, timeout: float = 60.0) -> None:

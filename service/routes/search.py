@@ -231,21 +231,24 @@ def _search_targets(
         gallery = state.galleries[modality]
         if len(gallery) == 0:
             continue
+        normalizer = state.normalizers.get(modality) if qbnorm_here else None
         t0 = time.perf_counter()
-        normalize = qbnorm_here and modality in state.normalizers
-        shortlist = max(n, state.settings.qbnorm.shortlist) if normalize else n
-        hits = gallery.search(q, shortlist, filter=flt or None)[0]
-        metrics.SEARCH_STAGE.labels("search").observe(time.perf_counter() - t0)
-        normed = None
-        if normalize:
-            t1 = time.perf_counter()
-            normed = state.qbnorm_hits(modality, q, hits)
-            metrics.SEARCH_STAGE.labels("qbnorm").observe(time.perf_counter() - t1)
-        if normed is not None:
+        if normalizer is not None:
+            # QB-Norm's own search: an adaptive raw shortlist, normalised, top-n kept
+            mode = state.settings.qbnorm.mode
+            hits = normalizer.search(
+                q, n, filter=flt or None, mode=mode if mode != "off" else "dis"
+            )
+            metrics.SEARCH_STAGE.labels("qbnorm").observe(time.perf_counter() - t0)
             applied = True
-            out.extend((modality, h, float(score), float(h.score)) for h, score in normed)
+            out.extend(
+                (modality, h, float(h.score if h.norm_score is None else h.norm_score), h.score)
+                for h in hits[0]
+            )
         else:
-            out.extend((modality, h, float(h.score), float(h.score)) for h in hits)
+            hits = gallery.search(q, n, filter=flt or None)
+            metrics.SEARCH_STAGE.labels("search").observe(time.perf_counter() - t0)
+            out.extend((modality, h, float(h.score), float(h.score)) for h in hits[0])
     return out, applied
 
 
