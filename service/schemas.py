@@ -46,7 +46,9 @@ class SearchRequest(_Request):
     qbnorm: bool | None = Field(
         None, description="apply QB-Norm: true, false, or null for the server default"
     )
-    min_score: float | None = Field(None, description="drop results whose score is below this")
+    min_score: float | None = Field(
+        None, description="drop results whose `score` (QB-Norm-normalised when applied) is below"
+    )
     filter: dict[str, FilterValue] = Field(
         default_factory=dict, description="equality filter on item metadata"
     )

@@ -95,7 +95,7 @@ async def ingest(body: IngestRequest, state: ReadyState) -> IngestResponse:
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"batch has {len(body.items)} items, over the limit of {settings.max_batch_items}",
         )
-    state.check_queue_capacity(len(body.items))
+    await state.run(state.check_queue_capacity, len(body.items))
     payloads = await state.run(_validate_batch, body.items, settings)
     job_id = uuid.uuid4().hex
     await state.run(state.enqueue, job_id, payloads)
