@@ -152,19 +152,22 @@ def build_state(state: ServiceState, model: Any = None) -> None:
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     if model is None:
+        import torch
+
         from models import create_model
 
+        # None = the GPU when there is one (settings.model.device), else the CPU
+        device = settings.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = create_model(
-            settings.model.name,
-            checkpoint=settings.model.checkpoint,
-            device=settings.model.device,
+            settings.model.name, checkpoint=settings.model.checkpoint, device=device
         )
     if hasattr(model, "eval"):
         model.eval()
     state.model = model
     logger.info(
-        "model %s loaded (dim %d, %d vector(s) per item)",
+        "model %s loaded on %s (dim %d, %d vector(s) per item)",
         state.model_name,
+        getattr(model, "device", "?"),
         model.embed_dim,
         model.num_vectors,
     )
