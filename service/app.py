@@ -130,6 +130,14 @@ class ServiceState:
             return 0, None
         return int(len(bank)), int(bank.version)
 
+    def serving_bank(self) -> tuple[int, int | None]:
+        """(size, version) of the bank the live QB-Norm normalisers use, without reading the
+        store (cheap: for every search response and metrics scrape); (0, None) when none."""
+        current = next(iter(self.normalizers.values()), None)
+        if current is None:
+            return 0, None
+        return int(len(current.bank)), int(current.bank_version)
+
     def append_querybank(self, vectors: np.ndarray, texts: list[str]) -> None:
         """Append encoded queries to the bank and rebuild the normalisers over it."""
         self.querybank.append(self.model_name, QUERYBANK_DIRECTION, vectors, texts)

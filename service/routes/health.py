@@ -76,7 +76,7 @@ def prometheus_metrics(state: State) -> Response:
 
 def querybank_stats(state: ServiceState) -> dict[str, tuple[int, int]]:
     """direction -> (size, version) of the serving model's bank."""
-    size, version = state.querybank_info()
+    size, version = state.serving_bank()
     return {QUERYBANK_DIRECTION: (size, version or 0)}
 
 

@@ -298,7 +298,7 @@ async def search(request: Request, state: ReadyState) -> SearchResponse:
         took_ms=round((time.perf_counter() - start) * 1000, 3),
         model=state.model_name,
         index_version=state.index_version(),
-        querybank_version=state.querybank_info()[1],
+        querybank_version=state.serving_bank()[1],
         qbnorm_applied=applied,
     )
 
