@@ -277,3 +277,30 @@ def test_restart_on_the_same_data_dir_gives_the_same_results(model: Any, tmp_pat
     for a, b in zip(before, after, strict=True):
         assert a["results"] == b["results"]
     assert after[0]["index_version"] == version
+
+
+def test_video_by_path_and_search_by_video(model: Any, video_dir: Path, tmp_path: Path) -> None:
+    clip = video_dir / "sample_demo_3.mp4"
+    if not clip.is_file():
+        clip = min(video_dir.glob("*.mp4"), key=lambda p: p.stat().st_size)
+    settings = make_settings(tmp_path, ingest={"media_root": video_dir, "max_body_mb": 16})
+    with running(settings, model) as c:
+        item = {"id": "clip", "modality": "video", "path": clip.name, "metadata": {"src": "real"}}
+        r = c.post("/ingest", json={"items": [item]})
+        assert r.status_code == 202, r.text
+        job = wait_job(c, r.json()["job_id"], timeout=120)
+        assert job["items"][0]["state"] == "indexed", job
+        body = c.get("/items/clip").json()
+        assert body["modality"] == "video" and body["num_vectors"] == len(body["segments"]) >= 1
+        r = c.post(
+            "/search",
+            files={"file": (clip.name, clip.read_bytes(), "video/mp4")},
+            data={"targets": "video"},
+        )
+        assert r.status_code == 200, r.text
+        top = r.json()["results"][0]
+        assert top["id"] == "clip" and top["metadata"] == {"src": "real"}
+        assert top["start"] is not None and top["end"] > top["start"]
+        r = c.post("/search", json={"text": "a person talking", "targets": ["video"]})
+        hit = r.json()["results"][0]
+        assert (hit["start"], hit["end"]) in {(s["start"], s["end"]) for s in body["segments"]}
