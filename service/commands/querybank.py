@@ -83,7 +83,6 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def build(args: argparse.Namespace) -> int:
     from index.querybank import open_querybank_store
-
     from models import create_model
     from service.app import QUERYBANK_DIRECTION
 
@@ -121,7 +120,6 @@ def build(args: argparse.Namespace) -> int:
 
 def info(args: argparse.Namespace) -> int:
     from index.querybank import open_querybank_store
-
     from service.app import QUERYBANK_DIRECTION
 
     settings = _settings(args)
