@@ -183,6 +183,12 @@ class VectorIndex:
         return bool(self.index.is_trained)
 
     def train(self, x: np.ndarray) -> None:
+        try:  # polysemous training costs minutes and only helps Hamming filtering, unused here
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
+            if hasattr(ivf, "do_polysemous_training"):
+                ivf.do_polysemous_training = False
+        except RuntimeError:
+            pass
         self.index.train(np.ascontiguousarray(x, dtype=np.float32))
         self._maybe_to_gpu()
 
@@ -212,7 +218,13 @@ class VectorIndex:
         self.tombstones.update(int(i) for i in ids)
 
     def set_param(self, name: str, value: int) -> None:
-        faiss.ParameterSpace().set_index_parameter(self.index, name, value)
+        if name == "k_factor":  # ParameterSpace does not reach a refine index under IDMap2
+            inner = faiss.downcast_index(getattr(self.index, "index", self.index))
+            if not hasattr(inner, "k_factor"):
+                raise ValueError(f"index {self.factory} has no k_factor")
+            inner.k_factor = value
+        else:
+            faiss.ParameterSpace().set_index_parameter(self.index, name, value)
         self.params[name] = value
 
     def search(self, x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -279,10 +291,12 @@ class VectorIndex:
         value, recall = start, 0.0
         target = min(1.0, config.min_recall + RECALL_MARGIN)
         limit = 4096 if knob == "efSearch" else max(start, _ivf_nlist(self.index))
+        refine = "RFLAT" in self.factory.upper() or "REFINE" in self.factory.upper()
+        k_factor = 4
         while True:
             self.set_param(knob, value)
-            if "RFLAT" in self.factory.upper() or "REFINE" in self.factory.upper():
-                self.set_param("k_factor", 4)
+            if refine:  # exact re-ranking of k_factor * k PQ candidates
+                self.set_param("k_factor", k_factor)
             _, found = self.search(q, k + len(self.tombstones))
             recall = float(
                 np.mean(
@@ -292,9 +306,14 @@ class VectorIndex:
                     ]
                 )
             )
-            if recall >= target or value >= limit:
+            if recall >= target:
                 break
-            value = min(limit, value * 2)
+            if value < limit:
+                value = min(limit, value * 2)
+            elif refine and k_factor < 64:
+                k_factor *= 2
+            else:
+                break
         logger.info("tuned %s: %s=%d recall@10=%.3f", self.factory, knob, value, recall)
         if recall < config.min_recall:
             logger.warning("index %s reaches only recall@10=%.3f", self.factory, recall)

@@ -1,0 +1,194 @@
+"""FAISS index choices on this machine: build time, memory, latency p50/p99, recall@10.
+
+    python bench/index.py --gallery 100000 --dim 512 --json
+
+For each index (exact ``Flat``, ``HNSW32``, ``IVF-PQ`` and ``IVF-PQ`` with exact re-ranking
+of a refined shortlist, ``RFlat``) the query-time knob (efSearch / nprobe) is tuned the way
+the gallery does it at (re)build (:meth:`index.gallery.VectorIndex.tune`, target recall@10
+>= --min-recall on a tuning sample), then measured on separate queries: recall@10 against
+exact search, single-query latency (one query per call, ``--threads`` OpenMP threads),
+build time (train + add + tune) and memory (the serialized index size). Synthetic data:
+clustered L2-normalised vectors; queries are gallery points moved by noise of norm ~1
+(cosine ~0.7 to their source, like cross-modal queries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from index.gallery import GalleryConfig, VectorIndex, auto_factory, exact_topk  # noqa: E402
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n: int, dim: int, rng: np.random.Generator, clusters: int = 1000) -> np.ndarray:
+    centres = unit(rng.normal(size=(clusters, dim)))
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        noise = rng.normal(scale=0.6 / np.sqrt(dim), size=(m, dim))
+        out[s : s + m] = unit(centres[rng.integers(0, clusters, m)] + noise)
+    return out
+
+
+def queries_near(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    d = x.shape[1]
+    return unit(x[rng.integers(0, len(x), n)] + rng.normal(scale=1.0 / math.sqrt(d), size=(n, d)))
+
+
+def ivfpq(n: int, dim: int, refine: bool) -> str:
+    f = auto_factory(max(n, 1_000_000), dim, GalleryConfig())  # IVF{nlist},PQ{m},RFlat
+    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
+    f = f.replace(f.split(",")[0], f"IVF{nlist}")
+    return f if refine else f.replace(",RFlat", "")
+
+
+def bench_one(factory: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, args) -> dict:  # type: ignore[no-untyped-def]
+    vids = np.arange(len(x), dtype=np.int64)
+    cfg = GalleryConfig(min_recall=args.min_recall, recall_sample=args.tune_queries)
+    t0 = time.perf_counter()
+    index = VectorIndex(x.shape[1], factory, use_gpu=False)
+    if not index.is_trained:
+        rng = np.random.default_rng(1)
+        index.train(x[rng.choice(len(x), min(len(x), args.train_sample), replace=False)])
+    train_s = time.perf_counter() - t0
+    index.add(vids, x)
+    add_s = time.perf_counter() - t0 - train_s
+    tune_recall = index.tune(vids, x, cfg, seed=7)
+    build_s = time.perf_counter() - t0
+    faiss.omp_set_num_threads(args.threads)
+    lat = []
+    found = np.zeros((len(q), 10), np.int64)
+    for i in range(len(q)):
+        t = time.perf_counter()
+        _, ids = index.search(q[i : i + 1], 10)
+        lat.append(time.perf_counter() - t)
+        found[i] = ids[0]
+    recall = np.mean([len(set(truth[i]) & set(found[i])) / 10 for i in range(len(q))])
+    return {
+        "index": factory,
+        "params": index.params,
+        "build_s": round(build_s, 2),
+        "train_s": round(train_s, 2),
+        "add_s": round(add_s, 2),
+        "memory_mb": round(len(index.serialize()) / 2**20, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
+        "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 3),
+        "recall@10": round(float(recall), 4),
+        "tune_recall@10": round(float(tune_recall), 4),
+    }
+
+
+def bench_multivector(args) -> dict:  # type: ignore[no-untyped-def]
+    """Set items (K slots): max-of-max shortlist + Smooth-Chamfer re-rank vs brute force."""
+    import tempfile
+
+    from index.gallery import Gallery, Record
+    from index.multivector import brute_force_multivector
+
+    rng = np.random.default_rng(args.seed)
+    k_slots, dim = args.slots, args.dim
+    centres = clustered(args.gallery, dim, rng)
+    noise = rng.normal(scale=0.6 / math.sqrt(dim), size=(args.gallery, k_slots, dim))
+    items = unit(centres[:, None, :] + noise)
+    pick = rng.integers(0, args.gallery, args.queries)
+    q = unit(
+        items[pick] + rng.normal(scale=1.0 / math.sqrt(dim), size=(args.queries, k_slots, dim))
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        g = Gallery(Path(tmp), dim, num_vectors=k_slots, config=GalleryConfig(fsync=False))
+        for s in range(0, args.gallery, 20_000):
+            g.upsert(
+                [
+                    Record(f"s{i}", items[i], {}, f"h{i}")
+                    for i in range(s, min(s + 20_000, args.gallery))
+                ]
+            )
+        t0 = time.perf_counter()
+        truth = brute_force_multivector(g, q, 10)
+        brute_ms = (time.perf_counter() - t0) / len(q) * 1e3
+        out: dict = {
+            "gallery": args.gallery,
+            "slots": k_slots,
+            "dim": dim,
+            "brute_force_ms": round(brute_ms, 2),
+        }
+        for n in (50, 100, 200):
+            lat = []
+            found = []
+            for i in range(len(q)):
+                t = time.perf_counter()
+                found.append(g.search(q[i : i + 1], 10, shortlist=n)[0])
+                lat.append(time.perf_counter() - t)
+            recall = np.mean(
+                [
+                    len({h.id for h in a} & {h.id for h in b}) / 10
+                    for a, b in zip(truth, found, strict=True)
+                ]
+            )
+            out[f"shortlist_{n}"] = {
+                "recall@10": round(float(recall), 4),
+                "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2),
+                "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 2),
+            }
+        g.close()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gallery", type=int, default=10_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--tune-queries", type=int, default=200)
+    p.add_argument("--min-recall", type=float, default=0.95)
+    p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads at query time")
+    p.add_argument("--build-threads", type=int, default=2, help="FAISS threads for train/add")
+    p.add_argument(
+        "--indexes", default="Flat,HNSW32,IVF-PQ,IVF-PQ-RFlat", help="comma-separated subset"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multivector", action="store_true", help="set-item recall benchmark instead")
+    p.add_argument("--slots", type=int, default=4, help="--multivector: vectors per item")
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = p.parse_args()
+    if args.multivector:
+        faiss.omp_set_num_threads(args.threads)
+        print(json.dumps(bench_multivector(args)))
+        return
+
+    rng = np.random.default_rng(args.seed)
+    x = clustered(args.gallery, args.dim, rng)
+    q = queries_near(x, args.queries, rng)
+    truth = exact_topk(q, x, 10)[1]
+    names = {
+        "Flat": "Flat",
+        "HNSW32": "HNSW32",
+        "IVF-PQ": ivfpq(args.gallery, args.dim, refine=False),
+        "IVF-PQ-RFlat": ivfpq(args.gallery, args.dim, refine=True),
+    }
+    results = []
+    for name in args.indexes.split(","):
+        faiss.omp_set_num_threads(args.build_threads)
+        res = bench_one(names[name], x, q, truth, args)
+        results.append(res)
+        if not args.json:
+            print(json.dumps(res), flush=True)
+    out = {"gallery": args.gallery, "dim": args.dim, "queries": args.queries, "results": results}
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
