@@ -159,6 +159,7 @@ def main() -> None:
     p.add_argument(
         "--indexes", default="Flat,HNSW32,IVF-PQ,IVF-PQ-RFlat", help="comma-separated subset"
     )
+    p.add_argument("--train-sample", type=int, default=100_000, help="IVF-PQ training vectors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--multivector", action="store_true", help="set-item recall benchmark instead")
     p.add_argument("--slots", type=int, default=4, help="--multivector: vectors per item")

@@ -1,6 +1,6 @@
 """xmodal.index: durable FAISS galleries, multi-vector items, QB-Norm and querybank stores."""
 
-from index.gallery import Gallery, GalleryConfig, Hit, Record, VectorIndex
+from index.gallery import Candidates, Gallery, GalleryConfig, Hit, Record, VectorIndex
 from index.log import WriteAheadLog, atomic_write
 from index.multivector import brute_force_multivector, search_multivector, set_similarity
 from index.qbnorm import (
@@ -18,6 +18,7 @@ from index.querybank import (
 )
 
 __all__ = [
+    "Candidates",
     "FileQueryBankStore",
     "Gallery",
     "GalleryConfig",
