@@ -95,7 +95,9 @@ def cluster(redis_url: str, tmp_path: Path) -> Iterator[dict]:
         TRANSFORMERS_OFFLINE="1",
     )
     api_env = dict(base_env, XMODAL_DATA_DIR=str(tmp_path / "api"), XMODAL_WORKER__EMBEDDED="false")
-    worker_env = dict(base_env, XMODAL_DATA_DIR=str(tmp_path / "worker"), XMODAL_WORKER__METRICS_PORT="0")
+    worker_env = dict(
+        base_env, XMODAL_DATA_DIR=str(tmp_path / "worker"), XMODAL_WORKER__METRICS_PORT="0"
+    )
     api_args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
     state = {
         "api": _start(api_args, api_env, tmp_path / "api.log"),
@@ -129,10 +131,22 @@ def test_flickr_dev_end_to_end(cluster: dict, dev_set: list[dict], flickr_dir: P
         items = []
         for row in dev_set[start : start + 100]:
             data = base64.b64encode((flickr_dir / "images" / row["image"]).read_bytes()).decode()
-            items.append({"id": f"img:{row['image']}", "modality": "image", "data": data,
-                          "metadata": {"split": "dev"}})
-            items.append({"id": f"txt:{row['image']}", "modality": "text",
-                          "text": row["captions"][0], "metadata": {"split": "dev"}})
+            items.append(
+                {
+                    "id": f"img:{row['image']}",
+                    "modality": "image",
+                    "data": data,
+                    "metadata": {"split": "dev"},
+                }
+            )
+            items.append(
+                {
+                    "id": f"txt:{row['image']}",
+                    "modality": "text",
+                    "text": row["captions"][0],
+                    "metadata": {"split": "dev"},
+                }
+            )
         r = client.post("/ingest", json={"items": items})
         assert r.status_code == 202, r.text
         assert r.json()["accepted"] == len(items)
@@ -168,14 +182,28 @@ def test_flickr_dev_end_to_end(cluster: dict, dev_set: list[dict], flickr_dir: P
     probe = {"text": queries[0]["captions"][1], "targets": ["image"], "top_k": 10}
     before = _search(client, probe)
     row = queries[0]
-    again = [{"id": f"txt:{row['image']}", "modality": "text", "text": row["captions"][0],
-              "metadata": {"split": "dev"}}]
+    again = [
+        {
+            "id": f"txt:{row['image']}",
+            "modality": "text",
+            "text": row["captions"][0],
+            "metadata": {"split": "dev"},
+        }
+    ]
     job = _wait_job(client, client.post("/ingest", json={"items": again}).json()["job_id"])
     assert job["state"] == "done"
     assert _search(client, probe) == before
 
     # Bad input is a clear 4xx and the service stays healthy.
-    bad = {"items": [{"id": "broken", "modality": "image", "data": base64.b64encode(b"\xff\xd8junk").decode()}]}
+    bad = {
+        "items": [
+            {
+                "id": "broken",
+                "modality": "image",
+                "data": base64.b64encode(b"\xff\xd8junk").decode(),
+            }
+        ]
+    }
     r = client.post("/ingest", json=bad)
     if r.status_code == 202:  # validation may happen in the worker: the item must fail, not vanish
         job = _wait_job(client, r.json()["job_id"])
