@@ -1,0 +1,569 @@
+"""Train the embedding heads on cached frozen-backbone features (VSE-infinity recipe).
+
+Reads top to bottom (as nanoGPT's ``train.py``): build the data (feature caches, extracted on
+first use), build the model from its named config, then a loop of
+
+    batch -> size augmentation -> embed -> similarity -> triplet loss (+ set regularisers)
+    -> AdamW step with gradient clipping -> progress bar (loss, pairs/s)
+
+with a dev evaluation after every epoch. The first ``warmup_epochs`` sum over every violating
+negative (VSE0), later epochs keep the hardest negative (VSE++); the learning rate drops by
+``lr_decay`` at ``lr_decay_epoch``. Every epoch writes ``last.safetensors`` (+ the optimiser
+state in ``train_state.pt`` for ``resume``), ``best.safetensors`` when dev RSUM improved,
+``history.json`` and ``curves.png`` (loss and dev RSUM) into ``out_dir``. Checkpoints carry the
+model config, so they reload with no flags.
+
+Size augmentation (VSE-infinity): each training image keeps a random ~80% of its grid
+features, each caption a random ~80% of its token features. VSE-infinity masks / replaces /
+deletes word pieces before BERT; on cached token features only deletion is possible, so we
+drop token features, as its reference code does for pre-extracted region features.
+
+Optional adaptive negatives (VSE-ens): besides the in-batch negatives, each query gets
+negatives drawn from a memory bank of recent embeddings with a rank-aware distribution
+(``models.sampling.AdaptiveNegativeSampler``); they are re-embedded with the current heads.
+
+``finetune_backbone=True`` trains through the backbones on raw images and captions (GPU
+machines); the default trains the heads only on cached features (CPU, minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from tqdm import tqdm
+
+from models.data import CaptionDataset, load_dataset
+from models.evaluate import evaluate
+from models.features import (
+    CachedFeatures,
+    extract_image_features,
+    extract_text_features,
+    image_cache_dir,
+    load_features,
+    text_cache_dir,
+)
+
+__all__ = ["TrainConfig", "drop_features", "load_split_features", "train"]
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs; saved as ``train_config.json`` next to the weights."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # Registry name of the model config (models/configs/<name>.json).
+    model: str = "effnet-lite0-minilm-gpo"
+    # Deep-merged into that config, e.g. {"image": {"image_size": 300}}; the checkpoint
+    # carries the merged config.
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    # Dataset folder (captions.jsonl + images/, or a Karpathy JSON) and split names.
+    data: Path = REPO.parent / "shared" / "data" / "flickr8k"
+    train_split: str = "train"
+    dev_split: str = "dev"
+    # Use only the first N images of each split (quick runs, tests); None = all.
+    max_images: int | None = None
+    # Where feature caches and run outputs go.
+    cache_dir: Path = REPO / ".cache" / "features"
+    out_dir: Path = REPO / "runs" / "default"
+    # Optimisation (VSE-infinity: AdamW 5e-4, decay x0.1, clip 2, margin 0.2).
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 2.0
+    margin: float = 0.2
+    warmup_epochs: int = 1  # epochs summing all violating negatives before hardest-only
+    lr_decay_epoch: int | None = None  # None = after 2/3 of the epochs
+    lr_decay: float = 0.1
+    # "one_per_image": an epoch visits every image once with one random caption (no duplicate
+    # images in a batch); "all": an epoch visits every caption (VSE-infinity).
+    epoch_mode: Literal["one_per_image", "all"] = "one_per_image"
+    # Size augmentation: fraction of grid / token features dropped per training item.
+    image_drop: float = Field(0.2, ge=0.0, lt=1.0)
+    token_drop: float = Field(0.2, ge=0.0, lt=1.0)
+    # Set models (DivE): weights of the MMD and uniformity regularisers.
+    mmd_weight: float = 0.01
+    unif_weight: float = 0.01
+    # Negatives: in-batch hardest, or in-batch + adaptive rank-aware negatives from a bank.
+    sampler: Literal["in_batch", "adaptive"] = "in_batch"
+    sampler_bank_size: int = 4096
+    sampler_lambda: float = 64.0  # p(rank r) ~ exp(-r / lambda)
+    sampler_negatives: int = 1  # adaptive negatives per query
+    # Stop an epoch-bounded run early once this many seconds have passed (None = no limit).
+    time_budget_s: float | None = None
+    # Stop when dev RSUM reaches this value (convergence timing); None = run all epochs.
+    target_rsum: float | None = None
+    # Full fine-tuning through the backbones on raw images/captions (GPU); False = cached.
+    finetune_backbone: bool = False
+    backbone_lr_scale: float = 0.1  # backbone LR = lr * scale when fine-tuning
+    # Continue from out_dir/last.safetensors + train_state.pt when present.
+    resume: bool = False
+    eval_batch_size: int = 512
+    device: str = "cpu"
+    seed: int = 0
+    num_threads: int | None = None  # torch CPU threads; None = torch default
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def load_split_features(
+    ds: CaptionDataset,
+    model_cfg: Any,
+    cache_dir: Path,
+    device: str = "cpu",
+    progress: bool = True,
+) -> CachedFeatures:
+    """Cached backbone features of ``ds`` for ``model_cfg``'s towers (extracted on first use)."""
+    from models.backbones import build_image_backbone, build_text_backbone
+
+    icfg = model_cfg.image
+    img_dir = image_cache_dir(cache_dir, ds, icfg.backbone, icfg.image_size, icfg.mean, icfg.std)
+    txt_dir = text_cache_dir(cache_dir, ds, model_cfg.text.backbone, model_cfg.text.max_length)
+    if not (img_dir / "meta.json").exists():
+        backbone = build_image_backbone(icfg).to(device).eval()
+        extract_image_features(backbone, ds.images, img_dir, device=device, progress=progress)
+        del backbone
+    if not (txt_dir / "meta.json").exists():
+        tbackbone = build_text_backbone(model_cfg.text).to(device).eval()
+        extract_text_features(tbackbone, ds.captions, txt_dir, device=device, progress=progress)
+        del tbackbone
+    return load_features(img_dir, txt_dir, ds.caption_to_image)
+
+
+def drop_features(
+    feats: Tensor, lengths: Tensor, p: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Randomly drop a fraction ``p`` of the valid positions of each item (size augmentation).
+
+    Kept positions move to the front in their original order, padding is zeroed and the new
+    lengths returned; every item keeps at least one position.
+    """
+    if p <= 0:
+        return feats, lengths
+    b, n, _ = feats.shape
+    pos = torch.arange(n, device=feats.device)[None, :]
+    valid = pos < lengths[:, None]  # [b, n]
+    rand = torch.rand(b, n, generator=generator).to(feats.device)
+    keep = valid & (rand >= p)
+    # Never drop everything: keep the first position of items that lost all of theirs.
+    keep[:, 0] |= ~keep.any(dim=1)
+    # Stable sort puts kept positions first (in order), then the rest.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # [b, n]
+    out = torch.gather(feats, 1, order[:, :, None].expand_as(feats))
+    new_len = keep.sum(dim=1)
+    out = out * (pos < new_len[:, None])[:, :, None].to(out.dtype)
+    width = int(new_len.max())
+    return out[:, :width], new_len
+
+
+def _epoch_batches(
+    feats: CachedFeatures, cfg: TrainConfig, rng: np.random.Generator
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image indices, caption indices) per batch for one epoch."""
+    c2i = feats.caption_to_image
+    if cfg.epoch_mode == "all":
+        caps = rng.permutation(len(c2i))
+    else:
+        # One random caption per image.
+        starts = np.searchsorted(c2i, np.arange(feats.num_images), side="left")
+        counts = np.bincount(c2i, minlength=feats.num_images)
+        if np.all(np.diff(c2i) >= 0):
+            caps = starts + (rng.random(feats.num_images) * counts).astype(np.int64)
+        else:  # captions not grouped by image
+            groups = [np.flatnonzero(c2i == i) for i in range(feats.num_images)]
+            caps = np.array([rng.choice(g) for g in groups])
+        caps = caps[rng.permutation(len(caps))]
+    batches = []
+    for lo in range(0, len(caps) - cfg.batch_size + 1, cfg.batch_size):  # drop the last partial
+        cap = caps[lo : lo + cfg.batch_size]
+        batches.append((c2i[cap], cap))
+    if not batches:  # fewer pairs than one batch: one smaller batch
+        batches.append((c2i[caps], caps))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# model, loss, schedule
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def model_config_for(cfg: TrainConfig) -> Any:
+    """The named model config with ``cfg.model_overrides`` merged in (validated)."""
+    from models.config import ModelConfig
+    from models.factory import get_model_config
+
+    base = get_model_config(cfg.model).model_dump(mode="json")
+    return ModelConfig.model_validate(_merge(base, cfg.model_overrides))
+
+
+def _build_model(cfg: TrainConfig) -> Any:
+    from models.model import XModal
+
+    # Fresh heads (never the shipped weights); backbones from their packages, so that
+    # checkpoints leave them out.
+    return XModal(model_config_for(cfg), pretrained=True).to(cfg.device)
+
+
+def _hinge(pos: Tensor, neg: Tensor, margin: float, hardest: bool) -> Tensor:
+    """``sum_q [margin + neg[q, :] - pos[q]]_+`` (hardest: only the max), ``neg`` masked -inf."""
+    cost = (margin + neg - pos[:, None]).clamp(min=0)
+    return (cost.amax(dim=1) if hardest else cost.sum(dim=1)).sum()
+
+
+def _loss(
+    model: Any,
+    img: Tensor,
+    txt: Tensor,
+    img_ids: Tensor,
+    cfg: TrainConfig,
+    hardest: bool,
+    extra_txt: tuple[Tensor, Tensor] | None = None,
+    extra_img: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Bidirectional triplet loss over a batch (+ extra negatives), set regularisers.
+
+    ``img[i]`` and ``txt[i]`` are a positive pair of image ``img_ids[i]``; ``extra_txt`` /
+    ``extra_img`` are (embeddings, image ids) of additional negative captions / images.
+    """
+    from models.losses import mmd_loss, uniformity_loss
+
+    sims = model.similarity(img, txt)  # [B, B], rows images, columns captions
+    pos = sims.diagonal()
+    same = img_ids[:, None] == img_ids[None, :]  # positives beyond the diagonal
+    neg_i2t, neg_t2i = sims.masked_fill(same, -math.inf), sims.t().masked_fill(same.t(), -math.inf)
+    if extra_txt is not None:
+        e, ids = extra_txt
+        s = model.similarity(img, e).masked_fill(img_ids[:, None] == ids[None, :], -math.inf)
+        neg_i2t = torch.cat([neg_i2t, s], dim=1)
+    if extra_img is not None:
+        e, ids = extra_img
+        s = model.similarity(e, txt).t()  # [B captions, U images]
+        neg_t2i = torch.cat(
+            [neg_t2i, s.masked_fill(img_ids[:, None] == ids[None, :], -math.inf)], 1
+        )
+    parts = {
+        "i2t": _hinge(pos, neg_i2t, cfg.margin, hardest),
+        "t2i": _hinge(pos, neg_t2i, cfg.margin, hardest),
+    }
+    total = parts["i2t"] + parts["t2i"]
+    if img.dim() == 3:  # set model: DivE regularisers
+        parts["mmd"] = mmd_loss(img, txt)["loss"]
+        parts["uniformity"] = uniformity_loss(img)["loss"] + uniformity_loss(txt)["loss"]
+        total = total + cfg.mmd_weight * parts["mmd"] + cfg.unif_weight * parts["uniformity"]
+    parts["loss"] = total
+    return parts
+
+
+def _lr_at(epoch: int, cfg: TrainConfig) -> float:
+    decay_at = cfg.lr_decay_epoch if cfg.lr_decay_epoch is not None else (2 * cfg.epochs) // 3
+    return cfg.lr * (cfg.lr_decay if epoch >= max(decay_at, 1) else 1.0)
+
+
+def _plot(history: dict[str, list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if history["loss"]:
+        steps, losses = zip(*history["loss"], strict=True)
+        a.plot(steps, losses, lw=0.8)
+    a.set_xlabel("step")
+    a.set_ylabel("training loss")
+    if history["dev"]:
+        secs = [d["seconds"] for d in history["dev"]]
+        b.plot(secs, [d["rsum"] for d in history["dev"]], marker="o")
+    b.set_xlabel("training seconds")
+    b.set_ylabel("dev RSUM")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train the heads of ``cfg.model`` and return the path of the best dev checkpoint."""
+    from models.checkpoint import load_state_into, read_checkpoint, save_checkpoint
+
+    if cfg.finetune_backbone:
+        return train_finetune(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+
+    model = _build_model(cfg)
+    model_cfg = model.config
+    model_cfg.save(out / "model_config.json")
+    train_ds = load_dataset(cfg.data, cfg.train_split)
+    dev_ds = load_dataset(cfg.data, cfg.dev_split)
+    if cfg.max_images:
+        train_ds, dev_ds = train_ds.subset(cfg.max_images), dev_ds.subset(cfg.max_images)
+    train_feats = load_split_features(train_ds, model_cfg, cfg.cache_dir, cfg.device, cfg.progress)
+    dev_feats = load_split_features(dev_ds, model_cfg, cfg.cache_dir, cfg.device, cfg.progress)
+    train_feats = train_feats.in_memory()  # random access; ~0.75 GB for Flickr8k at lite0/224
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: dict[str, list] = {"loss": [], "dev": []}
+    start_epoch, step, trained_s, best = 0, 0, 0.0, -1.0
+    if cfg.resume and (out / "train_state.pt").exists():
+        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=False)
+        _, weights, backbones, _ = read_checkpoint(out / "last.safetensors")
+        load_state_into(model, weights, backbones, out / "last.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, trained_s = state["epoch"], state["step"], state["seconds"]
+        history, best = state["history"], state["best_rsum"]
+        rng = np.random.default_rng([cfg.seed, start_epoch])
+        torch.manual_seed(cfg.seed + start_epoch)
+        logger.info("resumed %s at epoch %d, step %d", out, start_epoch, step)
+
+    samplers = _make_samplers(cfg, model) if cfg.sampler == "adaptive" else None
+    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = _lr_at(epoch, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        hardest = epoch >= cfg.warmup_epochs
+        model.train()
+        batches = _epoch_batches(train_feats, cfg, rng)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
+        t0 = time.perf_counter()
+        pairs = 0
+        for img_idx, cap_idx in bar:
+            x, xn = train_feats.images(img_idx)
+            t, tn = train_feats.texts(cap_idx)
+            x, xn = drop_features(x, xn, cfg.image_drop, gen)
+            t, tn = drop_features(t, tn, cfg.token_drop, gen)
+            dev_ = cfg.device
+            img = model.embed_image_features(x.to(dev_), xn.to(dev_))
+            txt = model.embed_text_features(t.to(dev_), tn.to(dev_))
+            ids = torch.from_numpy(img_idx).to(dev_)
+            extra_txt = extra_img = None
+            if samplers is not None:
+                extra_txt, extra_img = _adaptive_negatives(
+                    samplers, model, train_feats, img, txt, img_idx, cap_idx, cfg
+                )
+            parts = _loss(model, img, txt, ids, cfg, hardest, extra_txt, extra_img)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            pairs += len(img_idx)
+            loss = float(parts["loss"].detach())
+            history["loss"].append((step, loss))
+            rate = pairs / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss:.2f}", pairs_s=f"{rate:.0f}", lr=f"{lr:.1e}")
+            if cfg.time_budget_s and trained_s + time.perf_counter() - t0 > cfg.time_budget_s:
+                break
+        trained_s += time.perf_counter() - t0
+        metrics = evaluate(model, dev_feats, cfg.eval_batch_size, cfg.device)
+        history["dev"].append({"epoch": epoch + 1, "step": step, "seconds": trained_s, **metrics})
+        logger.info(
+            "epoch %d: dev rsum %.1f (i2t R@1 %.1f, t2i R@1 %.1f) after %.0f s",
+            epoch + 1, metrics["rsum"], metrics["i2t_r1"], metrics["t2i_r1"], trained_s,
+        )  # fmt: skip
+        if cfg.progress:
+            tqdm.write(f"epoch {epoch + 1}: dev {json.dumps(metrics)}  ({trained_s:.0f} s)")
+        extra = {"epoch": epoch + 1, "step": step, "dev_rsum": metrics["rsum"], "data": "flickr8k"}
+        if metrics["rsum"] > best:
+            best = metrics["rsum"]
+            save_checkpoint(model, out / "best.safetensors", extra)
+        save_checkpoint(model, out / "last.safetensors", extra)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "seconds": trained_s,
+                "history": history,
+                "best_rsum": best,
+            },
+            out / "train_state.pt",
+        )
+        (out / "history.json").write_text(json.dumps(history["dev"], indent=1))
+        _plot(history, out / "curves.png")
+        done_budget = cfg.time_budget_s is not None and trained_s >= cfg.time_budget_s
+        if done_budget or (cfg.target_rsum is not None and metrics["rsum"] >= cfg.target_rsum):
+            break
+    return out / "best.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive negatives (VSE-ens)
+
+
+def _make_samplers(cfg: TrainConfig, model: Any) -> dict[str, Any]:
+    from models.sampling import AdaptiveNegativeSampler
+
+    dim = model.embed_dim * getattr(model, "num_vectors", 1)
+    return {
+        "txt": AdaptiveNegativeSampler(cfg.sampler_bank_size, dim, cfg.sampler_lambda),
+        "img": AdaptiveNegativeSampler(cfg.sampler_bank_size, dim, cfg.sampler_lambda),
+    }
+
+
+def _adaptive_negatives(
+    samplers: dict[str, Any],
+    model: Any,
+    feats: CachedFeatures,
+    img: Tensor,
+    txt: Tensor,
+    img_idx: np.ndarray,
+    cap_idx: np.ndarray,
+    cfg: TrainConfig,
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Draw rank-aware negatives from the banks, re-embed them with the current heads."""
+    dev = cfg.device
+    flat_img, flat_txt = img.detach().flatten(1), txt.detach().flatten(1)
+    img_ids = torch.from_numpy(img_idx)
+    cap_ids = torch.from_numpy(cap_idx)
+    samplers["txt"].update(flat_txt, cap_ids)  # first, so the banks are never empty
+    samplers["img"].update(flat_img, img_ids)
+    neg_caps = samplers["txt"].sample(flat_img, cap_ids, cfg.sampler_negatives).ids
+    neg_imgs = samplers["img"].sample(flat_txt, img_ids, cfg.sampler_negatives).ids
+    neg_caps = np.unique(neg_caps.cpu().numpy().reshape(-1))
+    neg_imgs = np.unique(neg_imgs.cpu().numpy().reshape(-1))
+    neg_caps, neg_imgs = neg_caps[neg_caps >= 0], neg_imgs[neg_imgs >= 0]
+    if len(neg_caps):
+        t, tn = feats.texts(neg_caps)
+        e_txt = model.embed_text_features(t.to(dev), tn.to(dev))
+    else:
+        e_txt = txt[:0]
+    if len(neg_imgs):
+        x, xn = feats.images(neg_imgs)
+        e_img = model.embed_image_features(x.to(dev), xn.to(dev))
+    else:
+        e_img = img[:0]
+    owner = torch.from_numpy(feats.caption_to_image[neg_caps]).to(dev)
+    return (e_txt, owner), (e_img, torch.from_numpy(neg_imgs).to(dev))
+
+
+# ---------------------------------------------------------------------------------------------
+# full fine-tuning (GPU machines)
+
+
+@torch.no_grad()
+def _evaluate_raw(model: Any, ds: CaptionDataset, batch_size: int) -> dict[str, float]:
+    """Dev metrics through the full encoders (raw images and captions)."""
+    from PIL import Image
+
+    from models.evaluate import retrieval_metrics, similarity_matrix
+
+    model.eval()
+    imgs, txts = [], []
+    for lo in range(0, ds.num_images, batch_size):
+        batch = []
+        for p in ds.images[lo : lo + batch_size]:
+            with Image.open(p) as im:
+                batch.append(im.convert("RGB"))
+        imgs.append(model.encode_image(model.preprocess(batch).to(model.device)).float().cpu())
+    for lo in range(0, ds.num_captions, batch_size):
+        tok = model.tokenize(ds.captions[lo : lo + batch_size])
+        txts.append(model.encode_text(tok["input_ids"], tok["attention_mask"]).float().cpu())
+    sims = similarity_matrix(model, torch.cat(imgs), torch.cat(txts))
+    return retrieval_metrics(sims, ds.caption_to_image)
+
+
+def train_finetune(cfg: TrainConfig) -> Path:
+    """Train heads and backbones end to end on raw images and captions (meant for a GPU).
+
+    Same recipe as `train` (warm-up on all negatives, AdamW, clipping, LR decay) without
+    size augmentation; the backbones learn at ``lr * backbone_lr_scale``. Checkpoints then
+    include the backbone weights (they no longer match the packages').
+    """
+    from PIL import Image
+
+    from models.checkpoint import save_checkpoint
+    from models.model import XModal
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = {"image": {"trainable": True}, "text": {"trainable": True}}
+    mcfg = model_config_for(
+        cfg.model_copy(update={"model_overrides": _merge(overrides, cfg.model_overrides)})
+    )
+    model = XModal(mcfg, pretrained=True).to(cfg.device)
+    train_ds, dev_ds = (
+        load_dataset(cfg.data, cfg.train_split),
+        load_dataset(cfg.data, cfg.dev_split),
+    )
+    if cfg.max_images:
+        train_ds, dev_ds = train_ds.subset(cfg.max_images), dev_ds.subset(cfg.max_images)
+    backbone = [p for n, p in model.named_parameters() if "_backbone." in n and p.requires_grad]
+    heads = [p for n, p in model.named_parameters() if "_backbone." not in n and p.requires_grad]
+    groups = [{"params": heads, "scale": 1.0}, {"params": backbone, "scale": cfg.backbone_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: dict[str, list] = {"loss": [], "dev": []}
+    step, best, trained_s = 0, -1.0, 0.0
+    c2i = train_ds.caption_to_image
+    for epoch in range(cfg.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(epoch, cfg) * group["scale"]
+        model.train()
+        t0 = time.perf_counter()
+        order = rng.permutation(len(c2i))
+        batches = [order[lo : lo + cfg.batch_size] for lo in range(0, len(order), cfg.batch_size)]
+        for cap in tqdm(
+            batches, desc=f"finetune {epoch + 1}/{cfg.epochs}", disable=not cfg.progress
+        ):
+            images = []
+            for i in c2i[cap]:
+                with Image.open(train_ds.images[i]) as im:
+                    images.append(im.convert("RGB"))
+            tok = model.tokenize([train_ds.captions[j] for j in cap])
+            img = model.encode_image(model.preprocess(images).to(cfg.device))
+            txt = model.encode_text(tok["input_ids"], tok["attention_mask"])
+            ids = torch.from_numpy(c2i[cap]).to(cfg.device)
+            parts = _loss(model, img, txt, ids, cfg, hardest=epoch >= cfg.warmup_epochs)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(heads + backbone, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            history["loss"].append((step, float(parts["loss"].detach())))
+        trained_s += time.perf_counter() - t0
+        metrics = _evaluate_raw(model, dev_ds, cfg.eval_batch_size)
+        history["dev"].append({"epoch": epoch + 1, "step": step, "seconds": trained_s, **metrics})
+        extra = {"epoch": epoch + 1, "step": step, "dev_rsum": metrics["rsum"], "finetuned": True}
+        if metrics["rsum"] > best:
+            best = metrics["rsum"]
+            save_checkpoint(model, out / "best.safetensors", extra)
+        (out / "history.json").write_text(json.dumps(history["dev"], indent=1))
+        _plot(history, out / "curves.png")
+    return out / "best.safetensors"

@@ -1,0 +1,118 @@
+"""``xmodal train``: train the heads of a named model on cached backbone features.
+
+Example (the shipped default, Flickr8k)::
+
+    xmodal train --model effnet-lite0-minilm-gpo --data ../shared/data/flickr8k \
+        --out runs/lite0-gpo --epochs 12
+
+Flags map one to one onto `models.train.TrainConfig`; ``--config FILE`` reads a JSON
+TrainConfig first (flags given on the command line override it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from models.train import TrainConfig, train
+
+# flag -> TrainConfig field, for the flags that are plain values
+_FIELDS = {
+    "model": "model",
+    "model_overrides": "model_overrides",
+    "data": "data",
+    "train_split": "train_split",
+    "dev_split": "dev_split",
+    "out": "out_dir",
+    "cache_dir": "cache_dir",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "lr_decay_epoch": "lr_decay_epoch",
+    "warmup_epochs": "warmup_epochs",
+    "epoch_mode": "epoch_mode",
+    "image_drop": "image_drop",
+    "token_drop": "token_drop",
+    "sampler": "sampler",
+    "sampler_lambda": "sampler_lambda",
+    "sampler_negatives": "sampler_negatives",
+    "sampler_bank_size": "sampler_bank_size",
+    "time_budget": "time_budget_s",
+    "target_rsum": "target_rsum",
+    "max_images": "max_images",
+    "device": "device",
+    "threads": "num_threads",
+    "seed": "seed",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xmodal train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, help="JSON TrainConfig to start from")
+    p.add_argument("--model", help="model config name (models/configs/<name>.json)")
+    p.add_argument(
+        "--model-overrides",
+        type=json.loads,
+        help='JSON merged into the model config, e.g. \'{"image": {"image_size": 300}}\'',
+    )
+    p.add_argument("--data", type=Path, help="dataset folder (captions.jsonl or Karpathy JSON)")
+    p.add_argument("--train-split")
+    p.add_argument("--dev-split")
+    p.add_argument("--out", type=Path, help="run folder (checkpoints, curves.png, history)")
+    p.add_argument("--cache-dir", type=Path, help="feature cache root")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-decay-epoch", type=int)
+    p.add_argument("--warmup-epochs", type=int)
+    p.add_argument("--epoch-mode", choices=["one_per_image", "all"])
+    p.add_argument("--image-drop", type=float)
+    p.add_argument("--token-drop", type=float)
+    p.add_argument("--sampler", choices=["in_batch", "adaptive"])
+    p.add_argument("--sampler-lambda", type=float)
+    p.add_argument("--sampler-negatives", type=int)
+    p.add_argument("--sampler-bank-size", type=int)
+    p.add_argument("--time-budget", type=float, help="seconds of training at most")
+    p.add_argument("--target-rsum", type=float, help="stop once dev RSUM reaches this")
+    p.add_argument("--max-images", type=int, help="use the first N images of each split")
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--finetune-backbone", action="store_true", help="train the backbones too")
+    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from a JSON file (optional) overridden by the flags that were given."""
+    base = json.loads(args.config.read_text()) if args.config else {}
+    for flag, field in _FIELDS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            base[field] = value
+    if args.finetune_backbone:
+        base["finetune_backbone"] = True
+    if args.resume:
+        base["resume"] = True
+    if args.no_progress:
+        base["progress"] = False
+    return TrainConfig.model_validate(base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, train, print the best checkpoint path and its dev metrics."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = config_from_args(args)
+    best = train(cfg)
+    history = json.loads((best.parent / "history.json").read_text())
+    top = max(history, key=lambda h: h["rsum"]) if history else {}
+    print(json.dumps({"checkpoint": str(best), **top}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
