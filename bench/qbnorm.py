@@ -33,22 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from synthetic import clustered, unit  # noqa: E402
+
 from index.gallery import Gallery, GalleryConfig, Record  # noqa: E402
 from index.qbnorm import QBNormalizer, QBNormConfig, dynamic_inverted_softmax  # noqa: E402
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def clustered(n: int, dim: int, rng: np.random.Generator, clusters: int = 1000) -> np.ndarray:
-    centres = unit(rng.normal(size=(clusters, dim)))
-    out = np.empty((n, dim), np.float32)
-    for s in range(0, n, 100_000):
-        m = min(100_000, n - s)
-        noise = rng.normal(scale=0.6 / np.sqrt(dim), size=(m, dim))
-        out[s : s + m] = unit(centres[rng.integers(0, clusters, m)] + noise)
-    return out
 
 
 def near(x: np.ndarray, n: int, rng: np.random.Generator, scale: float = 0.8) -> np.ndarray:
