@@ -114,7 +114,24 @@ return 1
 """
 
 
-class RedisJobStore:
+class _JobStoreBase:
+    """What both job stores share: validation and the single-item form of ``set_states``."""
+
+    def set_state(self, job_id: str, item_id: str, state: str, error: str | None = None) -> None:
+        self.set_states([ItemUpdate(job_id, item_id, state, error)])
+
+    def set_states(self, updates: Iterable[ItemUpdate]) -> None:
+        updates = list(updates)
+        for u in updates:
+            _check_state(u.state)
+        if updates:
+            self._write_states(updates)
+
+    def _write_states(self, updates: list[ItemUpdate]) -> None:
+        raise NotImplementedError
+
+
+class RedisJobStore(_JobStoreBase):
     """Jobs as Redis hashes with a TTL."""
 
     def __init__(
@@ -140,15 +157,7 @@ class RedisJobStore:
         pipe.expire(key, self.ttl_s)
         pipe.execute()
 
-    def set_state(self, job_id: str, item_id: str, state: str, error: str | None = None) -> None:
-        self.set_states([ItemUpdate(job_id, item_id, state, error)])
-
-    def set_states(self, updates: Iterable[ItemUpdate]) -> None:
-        updates = list(updates)
-        for u in updates:
-            _check_state(u.state)
-        if not updates:
-            return
+    def _write_states(self, updates: list[ItemUpdate]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for u in updates:
             self._set_state(
@@ -193,7 +202,7 @@ CREATE INDEX IF NOT EXISTS job_items_order ON job_items (job_id, idx);
 """
 
 
-class LocalJobStore:
+class LocalJobStore(_JobStoreBase):
     """Jobs in SQLite (embedded mode); thread-safe."""
 
     def __init__(self, path: str | Path, ttl_s: int = DEFAULT_JOB_TTL_S) -> None:
@@ -232,15 +241,7 @@ class LocalJobStore:
                 cur.execute("ROLLBACK")
                 raise
 
-    def set_state(self, job_id: str, item_id: str, state: str, error: str | None = None) -> None:
-        self.set_states([ItemUpdate(job_id, item_id, state, error)])
-
-    def set_states(self, updates: Iterable[ItemUpdate]) -> None:
-        updates = list(updates)
-        for u in updates:
-            _check_state(u.state)
-        if not updates:
-            return
+    def _write_states(self, updates: list[ItemUpdate]) -> None:
         sticky = "('indexed', 'failed')"
         with self._lock:
             cur = self._db.cursor()

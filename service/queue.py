@@ -144,6 +144,18 @@ def _dumps(obj: Any) -> str:
 # ----------------------------------------------------------------------------------- Redis
 
 
+def _log_dead_letter(message: Message, error: str) -> None:
+    """The one warning both queues log when a message goes to the dead letters."""
+    logger.warning(
+        "dead-lettered %s (job %s, item %s) after %d deliveries: %s",
+        message.id,
+        message.job_id,
+        message.item.get("id"),
+        message.deliveries,
+        error,
+    )
+
+
 class RedisStreamQueue:
     """Redis Streams queue: one stream, one consumer group, a dead-letter stream, blob keys.
 
@@ -273,14 +285,7 @@ class RedisStreamQueue:
         pipe.xdel(self.stream, message.id)
         pipe.hdel(self.errors_key, message.id)
         pipe.execute()
-        logger.warning(
-            "dead-lettered %s (job %s, item %s) after %d deliveries: %s",
-            message.id,
-            message.job_id,
-            message.item.get("id"),
-            message.deliveries,
-            error,
-        )
+        _log_dead_letter(message, error)
 
     def depth(self) -> int:
         return max(0, int(self.redis.xlen(self.stream)) - self.pending())
@@ -530,14 +535,7 @@ class LocalQueue:
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
-        logger.warning(
-            "dead-lettered %s (job %s, item %s) after %d deliveries: %s",
-            message.id,
-            message.job_id,
-            message.item.get("id"),
-            message.deliveries,
-            error,
-        )
+        _log_dead_letter(message, error)
 
     def depth(self) -> int:
         return self._count("SELECT COUNT(*) FROM messages WHERE consumer IS NULL")
