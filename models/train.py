@@ -90,8 +90,11 @@ class TrainConfig(BaseModel):
     lr_decay_epoch: int | None = None  # None = after 2/3 of the epochs
     lr_decay: float = 0.1
     # "one_per_image": an epoch visits every image once with one random caption (no duplicate
-    # images in a batch); "all": an epoch visits every caption (VSE-infinity).
-    epoch_mode: Literal["one_per_image", "all"] = "one_per_image"
+    # images in a batch); "all": an epoch visits every caption (VSE-infinity), batch_size
+    # pairs a step; "grouped": every caption too, but a step takes batch_size images with all
+    # of their captions, so each image is embedded once per epoch instead of once per caption
+    # (about 3x less compute per epoch on Flickr8k, where the image projection dominates).
+    epoch_mode: Literal["one_per_image", "all", "grouped"] = "one_per_image"
     # Size augmentation: fraction of grid / token features dropped per training item.
     image_drop: float = Field(0.2, ge=0.0, lt=1.0)
     token_drop: float = Field(0.2, ge=0.0, lt=1.0)
@@ -178,6 +181,16 @@ def _epoch_batches(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image indices, caption indices) per batch for one epoch."""
     c2i = feats.caption_to_image
+    if cfg.epoch_mode == "grouped":
+        by_image = np.argsort(c2i, kind="stable")
+        starts = np.searchsorted(c2i[by_image], np.arange(feats.num_images + 1), side="left")
+        images = rng.permutation(feats.num_images)
+        grouped = []
+        for lo in range(0, max(len(images) - cfg.batch_size + 1, 1), cfg.batch_size):
+            img = images[lo : lo + cfg.batch_size]
+            cap = np.concatenate([by_image[starts[i] : starts[i + 1]] for i in img])
+            grouped.append((c2i[cap], cap))
+        return grouped
     if cfg.epoch_mode == "all":
         caps = rng.permutation(len(c2i))
     else:
@@ -242,27 +255,37 @@ def _loss(
     hardest: bool,
     extra_txt: tuple[Tensor, Tensor] | None = None,
     extra_img: tuple[Tensor, Tensor] | None = None,
+    owner: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Bidirectional triplet loss over a batch (+ extra negatives), set regularisers.
 
-    ``img[i]`` and ``txt[i]`` are a positive pair of image ``img_ids[i]``; ``extra_txt`` /
-    ``extra_img`` are (embeddings, image ids) of additional negative captions / images.
+    Every caption ``txt[c]`` is a positive of the image row ``owner[c]`` (default: row ``c``,
+    so ``img[i]`` and ``txt[i]`` are the pairs); ``img_ids`` are the dataset ids of the image
+    rows, so a row holding the same image is never a negative. Each positive pair contributes
+    one i2t term (its image against the other images' captions) and one t2i term (its caption
+    against the other images). ``extra_txt`` / ``extra_img`` are (embeddings, image ids) of
+    additional negative captions / images.
     """
     from models.losses import mmd_loss, uniformity_loss
 
-    sims = model.similarity(img, txt)  # [B, B], rows images, columns captions
-    pos = sims.diagonal()
-    same = img_ids[:, None] == img_ids[None, :]  # positives beyond the diagonal
-    neg_i2t, neg_t2i = sims.masked_fill(same, -math.inf), sims.t().masked_fill(same.t(), -math.inf)
+    if owner is None:
+        owner = torch.arange(txt.shape[0], device=img_ids.device)
+    sims = model.similarity(img, txt)  # [B, C], rows images, columns captions
+    cols = torch.arange(txt.shape[0], device=sims.device)
+    pos = sims[owner, cols]  # [C]
+    cap_ids = img_ids[owner]  # [C] dataset image id of every caption
+    same = img_ids[:, None] == cap_ids[None, :]  # [B, C]: positive pairs
+    neg_i2t = sims.masked_fill(same, -math.inf)[owner]  # [C, C]: row = the caption's image
+    neg_t2i = sims.t().masked_fill(same.t(), -math.inf)  # [C, B]
     if extra_txt is not None:
         e, ids = extra_txt
         s = model.similarity(img, e).masked_fill(img_ids[:, None] == ids[None, :], -math.inf)
-        neg_i2t = torch.cat([neg_i2t, s], dim=1)
+        neg_i2t = torch.cat([neg_i2t, s[owner]], dim=1)
     if extra_img is not None:
         e, ids = extra_img
-        s = model.similarity(e, txt).t()  # [B captions, U images]
+        s = model.similarity(e, txt).t()  # [C captions, U images]
         neg_t2i = torch.cat(
-            [neg_t2i, s.masked_fill(img_ids[:, None] == ids[None, :], -math.inf)], 1
+            [neg_t2i, s.masked_fill(cap_ids[:, None] == ids[None, :], -math.inf)], 1
         )
     parts = {
         "i2t": _hinge(pos, neg_i2t, cfg.margin, hardest),
@@ -312,6 +335,11 @@ def train(cfg: TrainConfig) -> Path:
     """Train the heads of ``cfg.model`` and return the path of the best dev checkpoint."""
     from models.checkpoint import load_state_into, read_checkpoint, save_checkpoint
 
+    if cfg.sampler == "adaptive" and cfg.epoch_mode == "grouped":
+        raise ValueError(
+            "the adaptive sampler needs one caption per image row: epoch_mode "
+            "'all' or 'one_per_image', not 'grouped'"
+        )
     if cfg.finetune_backbone:
         return train_finetune(cfg)
     if cfg.num_threads:
@@ -362,6 +390,10 @@ def train(cfg: TrainConfig) -> Path:
         t0 = time.perf_counter()
         pairs = 0
         for img_idx, cap_idx in bar:
+            owner = None
+            if cfg.epoch_mode == "grouped":  # one image row per image, captions point to it
+                img_idx, inverse = np.unique(img_idx, return_inverse=True)
+                owner = torch.from_numpy(inverse.reshape(-1)).to(cfg.device)
             x, xn = train_feats.images(img_idx)
             t, tn = train_feats.texts(cap_idx)
             x, xn = drop_features(x, xn, cfg.image_drop, gen)
@@ -375,14 +407,14 @@ def train(cfg: TrainConfig) -> Path:
                 extra_txt, extra_img = _adaptive_negatives(
                     samplers, model, train_feats, img, txt, img_idx, cap_idx, cfg
                 )
-            parts = _loss(model, img, txt, ids, cfg, hardest, extra_txt, extra_img)
+            parts = _loss(model, img, txt, ids, cfg, hardest, extra_txt, extra_img, owner)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             step += 1
-            pairs += len(img_idx)
+            pairs += len(cap_idx)
             loss = float(parts["loss"].detach())
             history["loss"].append((step, loss))
             rate = pairs / max(time.perf_counter() - t0, 1e-9)

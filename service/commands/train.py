@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--lr-decay-epoch", type=int)
     p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--epoch-mode", choices=["one_per_image", "all"])
+    p.add_argument("--epoch-mode", choices=["one_per_image", "all", "grouped"])
     p.add_argument("--image-drop", type=float)
     p.add_argument("--token-drop", type=float)
     p.add_argument("--sampler", choices=["in_batch", "adaptive"])

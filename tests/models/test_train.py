@@ -17,7 +17,7 @@ from models.features import (
     image_cache_dir,
     text_cache_dir,
 )
-from models.train import TrainConfig, model_config_for, train
+from models.train import TrainConfig, load_split_features, model_config_for, train
 
 NUM_IMAGES, CAPS, DIM = 48, 2, 32  # tiny-random: 32-d image and token features
 
@@ -126,3 +126,62 @@ def test_variants_run(synthetic: tuple[Path, Path], tmp_path: Path, kw: dict) ->
     history = json.loads((tmp_path / "history.json").read_text())
     assert len(history) == 1 and np.isfinite(history[-1]["rsum"])
     assert best.exists()
+
+
+class _CosineModel:
+    """Just the `similarity` the loss needs."""
+
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b.t()
+
+
+@pytest.mark.parametrize("hardest", [False, True])
+def test_grouped_loss_is_the_sum_of_per_pair_terms(hardest: bool) -> None:
+    from models.train import _loss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=1)
+    owner = torch.tensor([0, 0, 1, 1, 1, 2, 2])  # image row of every caption
+    ids = torch.tensor([10, 11, 12])
+    cfg = TrainConfig(margin=0.2)
+    got = _loss(_CosineModel(), img, txt, ids, cfg, hardest, owner=owner)
+    sims = img @ txt.t()
+    i2t = t2i = 0.0
+    for c in range(7):
+        pos = sims[owner[c], c]
+        neg_caps = [sims[owner[c], j] for j in range(7) if owner[j] != owner[c]]
+        neg_imgs = [sims[b, c] for b in range(3) if b != owner[c]]
+        ci = [max(0.0, 0.2 + n - pos) for n in neg_caps]
+        ct = [max(0.0, 0.2 + n - pos) for n in neg_imgs]
+        i2t += max(ci) if hardest else sum(ci)
+        t2i += max(ct) if hardest else sum(ct)
+    assert float(got["i2t"]) == pytest.approx(float(i2t), abs=1e-5)
+    assert float(got["t2i"]) == pytest.approx(float(t2i), abs=1e-5)
+    # One caption per image: the grouped loss is the plain diagonal loss.
+    square = _loss(_CosineModel(), img, txt[:3], ids, cfg, hardest)
+    same = _loss(_CosineModel(), img, txt[:3], ids, cfg, hardest, owner=torch.arange(3))
+    assert float(square["loss"]) == pytest.approx(float(same["loss"]))
+
+
+def test_grouped_epochs_embed_each_image_once_and_learn(
+    synthetic: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from models.train import _epoch_batches
+
+    data, cache = synthetic
+    cfg = _cfg(data, cache, tmp_path, epochs=4, epoch_mode="grouped")
+    mcfg = model_config_for(cfg)
+    feats = load_split_features(load_dataset(data, "train"), mcfg, cache, progress=False)
+    batches = _epoch_batches(feats, cfg, np.random.default_rng(0))
+    caps = np.concatenate([c for _, c in batches])
+    assert sorted(caps.tolist()) == list(range(32 * CAPS))  # every caption exactly once
+    for img_idx, cap in batches:
+        assert len(np.unique(img_idx)) == cfg.batch_size  # batch_size images, all captions
+        assert (feats.caption_to_image[cap] == img_idx).all()
+    train(cfg)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[-1]["rsum"] > 100  # chance ~40
+    with pytest.raises(ValueError, match="grouped"):
+        train(_cfg(data, cache, tmp_path / "x", epoch_mode="grouped", sampler="adaptive"))
