@@ -103,7 +103,11 @@ class TrainConfig(BaseModel):
     unif_weight: float = 0.01
     # Negatives: in-batch hardest, or in-batch + adaptive rank-aware negatives from a bank.
     sampler: Literal["in_batch", "adaptive"] = "in_batch"
-    sampler_bank_size: int = 4096
+    # Bank capacity per modality; None = one slot for every training item (the paper's
+    # catalogue). Items keep one slot each, overwritten by their newer embeddings.
+    sampler_bank_size: int | None = None
+    # Queries between refreshes of the rank tables; None = the paper's (|A|-1) ln(|A|-1).
+    sampler_refresh_every: int | None = None
     sampler_lambda: float = 64.0  # p(rank r) ~ exp(-r / lambda)
     sampler_negatives: int = 1  # adaptive negatives per query
     # Stop an epoch-bounded run early once this many seconds have passed (None = no limit).
@@ -377,7 +381,7 @@ def train(cfg: TrainConfig) -> Path:
         torch.manual_seed(cfg.seed + start_epoch)
         logger.info("resumed %s at epoch %d, step %d", out, start_epoch, step)
 
-    samplers = _make_samplers(cfg, model) if cfg.sampler == "adaptive" else None
+    samplers = _make_samplers(cfg, model, train_feats) if cfg.sampler == "adaptive" else None
     gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
     for epoch in range(start_epoch, cfg.epochs):
         lr = _lr_at(epoch, cfg)
@@ -458,14 +462,22 @@ def train(cfg: TrainConfig) -> Path:
 # adaptive negatives (VSE-ens)
 
 
-def _make_samplers(cfg: TrainConfig, model: Any) -> dict[str, Any]:
+def _make_samplers(cfg: TrainConfig, model: Any, feats: CachedFeatures) -> dict[str, Any]:
     from models.sampling import AdaptiveNegativeSampler
 
     dim = model.embed_dim * getattr(model, "num_vectors", 1)
-    return {
-        "txt": AdaptiveNegativeSampler(cfg.sampler_bank_size, dim, cfg.sampler_lambda),
-        "img": AdaptiveNegativeSampler(cfg.sampler_bank_size, dim, cfg.sampler_lambda),
-    }
+
+    def bank(items: int, seed: int) -> AdaptiveNegativeSampler:
+        return AdaptiveNegativeSampler(
+            cfg.sampler_bank_size or items,
+            dim,
+            cfg.sampler_lambda,
+            refresh_every=cfg.sampler_refresh_every,
+            seed=cfg.seed + seed,
+            one_slot_per_id=True,
+        )
+
+    return {"txt": bank(feats.num_captions, 0), "img": bank(feats.num_images, 1)}
 
 
 def _adaptive_negatives(

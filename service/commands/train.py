@@ -39,6 +39,7 @@ _FIELDS = {
     "sampler_lambda": "sampler_lambda",
     "sampler_negatives": "sampler_negatives",
     "sampler_bank_size": "sampler_bank_size",
+    "sampler_refresh_every": "sampler_refresh_every",
     "time_budget": "time_budget_s",
     "target_rsum": "target_rsum",
     "max_images": "max_images",
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["in_batch", "adaptive"])
     p.add_argument("--sampler-lambda", type=float)
     p.add_argument("--sampler-negatives", type=int)
-    p.add_argument("--sampler-bank-size", type=int)
+    p.add_argument("--sampler-bank-size", type=int, help="default: every training item")
+    p.add_argument("--sampler-refresh-every", type=int, help="default: (|A|-1) ln(|A|-1)")
     p.add_argument("--time-budget", type=float, help="seconds of training at most")
     p.add_argument("--target-rsum", type=float, help="stop once dev RSUM reaches this")
     p.add_argument("--max-images", type=int, help="use the first N images of each split")

@@ -94,15 +94,33 @@ def test_refresh_schedule() -> None:
 
 def test_ring_buffer_and_growth() -> None:
     sampler = AdaptiveNegativeSampler(5, 2, lam=1.0)
-    sampler.update(torch.randn(3, 2), torch.tensor([0, 1, 2]))
+    sampler.update(torch.randn(2, 2), torch.tensor([0, 1]))
     sampler.sample(torch.randn(2, 2))
-    assert sampler.num_refreshes == 1 and sampler.table_size == 3
-    sampler.update(torch.randn(4, 2), torch.tensor([3, 4, 5, 6]))
+    assert sampler.num_refreshes == 1 and sampler.table_size == 2
+    sampler.update(torch.randn(4, 2), torch.tensor([2, 3, 4, 5]))
     assert len(sampler) == 5
-    assert sorted(sampler.ids.tolist()) == [2, 3, 4, 5, 6]  # oldest two overwritten
-    out = sampler.sample(torch.randn(2, 2))  # the bank grew: tables rebuilt over 5 items
+    assert sorted(sampler.ids.tolist()) == [1, 2, 3, 4, 5]  # the oldest one overwritten
+    out = sampler.sample(torch.randn(2, 2))  # the bank doubled: tables rebuilt over 5 items
     assert sampler.num_refreshes == 2 and sampler.table_size == 5
     assert bool((out.indices < 5).all())
+    sampler.update(torch.randn(1, 2), torch.tensor([6]))
+    sampler.sample(torch.randn(2, 2))  # full, not doubled, not due: same tables
+    assert sampler.num_refreshes == 2
+
+
+def test_one_slot_per_id_overwrites_in_place() -> None:
+    sampler = AdaptiveNegativeSampler(4, 2, lam=1.0, one_slot_per_id=True)
+    sampler.update(torch.zeros(3, 2), torch.tensor([10, 11, 12]))
+    slots = sampler.ids.tolist()
+    sampler.update(torch.ones(2, 2), torch.tensor([11, 11]))  # known id: its own slot
+    assert sampler.ids.tolist() == slots and len(sampler) == 3
+    assert sampler.embeddings[1].tolist() == [1.0, 1.0]
+    sampler.update(torch.full((2, 2), 2.0), torch.tensor([13, 14]))  # 14 evicts the oldest (10)
+    assert sorted(sampler.ids.tolist()) == [11, 12, 13, 14] and len(sampler) == 4
+    sampler.update(torch.full((1, 2), 3.0), torch.tensor([10]))  # 10 is new again: evicts 11
+    assert sorted(sampler.ids.tolist()) == [10, 12, 13, 14]
+    row = sampler.ids.tolist().index(10)
+    assert sampler.embeddings[row].tolist() == [3.0, 3.0]
 
 
 def test_reproducible_with_seed() -> None:

@@ -111,6 +111,7 @@ def test_loss_decreases_and_resume_continues(synthetic: tuple[Path, Path], tmp_p
     "kw",
     [
         {"sampler": "adaptive", "sampler_bank_size": 32},
+        {"sampler": "adaptive", "sampler_refresh_every": 16},
         {
             "model_overrides": {
                 "head": {"pooling": "set", "num_slots": 2, "depth": 1, "heads": 2},
@@ -118,7 +119,7 @@ def test_loss_decreases_and_resume_continues(synthetic: tuple[Path, Path], tmp_p
             }
         },
     ],
-    ids=["adaptive-sampler", "set-model"],
+    ids=["adaptive-sampler", "adaptive-catalogue-bank", "set-model"],
 )
 def test_variants_run(synthetic: tuple[Path, Path], tmp_path: Path, kw: dict) -> None:
     data, cache = synthetic
