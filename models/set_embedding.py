@@ -66,10 +66,21 @@ class SlotCompetitiveAttention(nn.Module):
         self, slots: Tensor, context: Tensor, mask: Tensor, key_pos: Tensor | None = None
     ) -> Tensor:
         """``slots [B, K, D]`` attend to ``context [B, N, C]`` where ``mask [B, N]`` is True."""
-        q = self.to_q(slots)
+        return self.attend(slots, *self.context_kv(context, key_pos), mask)
+
+    def context_kv(self, context: Tensor, key_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[B, H, N, d]`` of the context (computed once per set, reused by
+        every weight-tied iteration)."""
         k = self.to_k(context if key_pos is None else context + key_pos)
         v = self.to_v(context)
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        return (
+            rearrange(k, "b n (h d) -> b h n d", h=self.heads),
+            rearrange(v, "b n (h d) -> b h n d", h=self.heads),
+        )
+
+    def attend(self, slots: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """``slots [B, K, D]`` attend to precomputed keys / values where ``mask [B, N]``."""
+        q = rearrange(self.to_q(slots), "b n (h d) -> b h n d", h=self.heads)
         sim = torch.einsum("bhid,bhjd->bhij", q, k) * self.scale  # [B, H, K, N]
         valid = rearrange(mask, "b n -> b 1 1 n")
         sim = sim.masked_fill(~valid, 0.0)  # keep padded columns finite before the softmax
@@ -164,8 +175,9 @@ class SetPredictionModule(nn.Module):
         context = self.norm_context(features)
         key_pos = self.position_encoding(lengths, n).to(context.dtype) if self.pos_enc else None
         x = repeat(self.slots, "k d -> b k d", b=b).to(features.dtype)
+        k, v = self.attn.context_kv(context, key_pos)  # the context is the same every iteration
         for _ in range(self.depth):  # one block, weights tied across iterations
-            x = x + self.attn(self.norm_slots(x), context, mask, key_pos)
+            x = x + self.attn.attend(self.norm_slots(x), k, v, mask)
             x = x + self.ff(self.norm_ff(x))
         x = self.norm_out(x)
         if global_feature is not None:
