@@ -12,6 +12,7 @@ for GPU fine-tuning.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ __all__ = [
     "RandomConvBackbone",
     "TextBackbone",
     "build_image_backbone",
+    "bert_layer",
     "build_text_backbone",
+    "full_lengths",
 ]
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -107,11 +110,31 @@ class ImageBackbone(_Frozen):
         """Backbone-specific feature extraction: pixels -> [B, N, C]."""
         raise NotImplementedError
 
+    def trunk(self, pixels: Tensor) -> Tensor:
+        """The frozen part: pixels -> what the feature cache stores, [B, N', C'].
+
+        Equal to `grid` unless the tower tunes its top layers (`tune_blocks`)."""
+        return self.grid(pixels)
+
+    def top(self, feats: Tensor) -> Tensor:
+        """The tuned top layers: trunk features [B, N', C'] -> grid features [B, N, C]
+        (identity for a frozen tower)."""
+        return feats
+
+    def tuned_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes (relative to this module) of the tuned top layers: their
+        weights are trained with the heads and saved in checkpoints."""
+        return ()
+
     def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         feats = self.grid(pixels)
-        b, n, _ = feats.shape
-        lengths = torch.full((b,), n, dtype=torch.long, device=feats.device)
-        return feats, lengths
+        return feats, full_lengths(feats)
+
+
+def full_lengths(feats: Tensor) -> Tensor:
+    """Lengths `[B]` of a batch of full grids `[B, N, C]` (every position valid)."""
+    b, n, _ = feats.shape
+    return torch.full((b,), n, dtype=torch.long, device=feats.device)
 
 
 class EfficientNetLiteBackbone(ImageBackbone):
@@ -139,11 +162,54 @@ class EfficientNetLiteBackbone(ImageBackbone):
                 f"{cfg.backbone} gives {channels} channels, config says "
                 f"feature_dim={cfg.feature_dim}"
             )
+        blocks = len(self.net._blocks)
+        if cfg.tune_blocks > blocks:
+            raise ValueError(f"{cfg.backbone} has {blocks} blocks, tune_blocks={cfg.tune_blocks}")
+        self.tune_blocks = cfg.tune_blocks
         self._set_trainable(cfg.trainable)
+        if self.tune_blocks and not cfg.trainable:
+            for prefix in self.tuned_prefixes():
+                for p in self.get_submodule(prefix.rstrip(".")).parameters():
+                    p.requires_grad_(True)
+
+    def tuned_prefixes(self) -> tuple[str, ...]:
+        if not self.tune_blocks:
+            return ()
+        first = len(self.net._blocks) - self.tune_blocks
+        blocks = tuple(f"net._blocks.{i}." for i in range(first, len(self.net._blocks)))
+        return (*blocks, "net._conv_head.", "net._bn1.")
+
+    def _run_blocks(self, x: Tensor, start: int, stop: int) -> Tensor:
+        # As EfficientNet.extract_features; drop-connect only acts in train mode, and a
+        # frozen or partly tuned tower stays in eval mode.
+        rate = self.net._global_params.drop_connect_rate or 0.0
+        n = len(self.net._blocks)
+        for idx in range(start, stop):
+            x = self.net._blocks[idx](x, drop_connect_rate=rate * idx / n)
+        return x
+
+    def trunk(self, pixels: Tensor) -> Tensor:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(pixels)))
+        x = self._run_blocks(x, 0, len(net._blocks) - self.tune_blocks)
+        if not self.tune_blocks:
+            x = net._swish(net._bn1(net._conv_head(x)))
+        return rearrange(x, "b c h w -> b (h w) c")
+
+    def top(self, feats: Tensor) -> Tensor:
+        if not self.tune_blocks:
+            return feats
+        net = self.net
+        side = math.isqrt(feats.shape[1])  # cached grids are square (square inputs)
+        x = rearrange(feats, "b (h w) c -> b c h w", h=side, w=side)
+        x = self._run_blocks(x, len(net._blocks) - self.tune_blocks, len(net._blocks))
+        x = net._swish(net._bn1(net._conv_head(x)))
+        return rearrange(x, "b c h w -> b (h w) c")
 
     def grid(self, pixels: Tensor) -> Tensor:
-        fmap = self.net.extract_features(pixels)  # [B, C, H, W]
-        return rearrange(fmap, "b c h w -> b (h w) c")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            feats = self.trunk(pixels)
+        return self.top(feats)
 
 
 def efficientnet_weights_path(name: str) -> Path:
@@ -225,6 +291,19 @@ class TextBackbone(_Frozen):
         """Backbone-specific token features [B, L, C]."""
         raise NotImplementedError
 
+    def trunk(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The frozen part: what the feature cache stores, [B, L, C] (equal to `tokens`
+        unless the tower tunes its top layers, `tune_layers`)."""
+        return self.tokens(input_ids, attention_mask)
+
+    def top(self, feats: Tensor, lengths: Tensor) -> Tensor:
+        """The tuned top layers: trunk features -> token features (identity when frozen)."""
+        return feats
+
+    def tuned_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes (relative to this module) of the tuned top layers."""
+        return ()
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         feats = self.tokens(input_ids, attention_mask)
         lengths = attention_mask.sum(dim=1).long()
@@ -252,7 +331,14 @@ class MiniLMBackbone(TextBackbone):
             raise ValueError(
                 f"{MINILM} gives {hidden}-d tokens, config says feature_dim={cfg.feature_dim}"
             )
+        layers = self.net.config.num_hidden_layers
+        if cfg.tune_layers > layers:
+            raise ValueError(f"{MINILM} has {layers} layers, tune_layers={cfg.tune_layers}")
+        self.tune_layers = cfg.tune_layers
         self._set_trainable(cfg.trainable)
+        for prefix in self.tuned_prefixes():
+            for p in self.get_submodule(prefix.rstrip(".")).parameters():
+                p.requires_grad_(True)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         batch = self.tokenizer(
@@ -265,8 +351,54 @@ class MiniLMBackbone(TextBackbone):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        out = self.net(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state
+        if not self.tune_layers:
+            out = self.net(input_ids=input_ids, attention_mask=attention_mask)
+            return out.last_hidden_state  # type: ignore[no-any-return]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            feats = self.trunk(input_ids, attention_mask)
+        return self.top(feats, attention_mask.sum(dim=1))
+
+    def tuned_prefixes(self) -> tuple[str, ...]:
+        layers = self.net.config.num_hidden_layers
+        return tuple(f"net.encoder.layer.{i}." for i in range(layers - self.tune_layers, layers))
+
+    def trunk(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.net(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        )
+        # hidden_states[0] is the embedding output, [i] the output of layer i.
+        return out.hidden_states[self.net.config.num_hidden_layers - self.tune_layers]  # type: ignore[no-any-return]
+
+    def top(self, feats: Tensor, lengths: Tensor) -> Tensor:
+        layers = self.net.config.num_hidden_layers
+        keys = torch.arange(feats.shape[1], device=feats.device)[None, :] < lengths[:, None]
+        x = feats
+        for i in range(layers - self.tune_layers, layers):
+            x = bert_layer(self.net.encoder.layer[i], x, keys)
+        return x
+
+
+def bert_layer(layer: nn.Module, x: Tensor, keys: Tensor) -> Tensor:
+    """One BERT encoder layer in inference form (no dropout), written out with tensor ops
+    (exportable; independent of the transformers version's attention plumbing).
+
+    Args:
+        layer: a `transformers` BertLayer (its weights are used as they are).
+        x: hidden states `[B, L, C]`.
+        keys: `[B, L]` bool, True for real tokens (padded keys are never attended to).
+    """
+    att = layer.attention.self
+    heads = int(att.num_attention_heads)
+
+    def split(t: Tensor) -> Tensor:
+        return rearrange(t, "b l (h d) -> b h l d", h=heads)
+
+    q, k, v = split(att.query(x)), split(att.key(x)), split(att.value(x))
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+    ctx = rearrange(ctx, "b h l d -> b l (h d)")
+    h = layer.attention.output.LayerNorm(layer.attention.output.dense(ctx) + x)
+    inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h))
+    return layer.output.LayerNorm(layer.output.dense(inner) + h)  # type: ignore[no-any-return]
 
 
 def minilm_path() -> Path:
@@ -411,6 +543,8 @@ def _create_open_clip(backbone: str, checkpoint: str | None, pretrained: bool) -
 
 def build_image_backbone(cfg: ImageTowerConfig, pretrained: bool = True) -> ImageBackbone:
     """Image backbone for a tower config; `pretrained=False` skips every weight file."""
+    if cfg.tune_blocks and cfg.backbone not in EFFICIENTNET_LITE:
+        raise ValueError(f"tune_blocks is for EfficientNet-Lite towers, not {cfg.backbone!r}")
     if cfg.backbone in EFFICIENTNET_LITE:
         return EfficientNetLiteBackbone(cfg, pretrained=pretrained)
     if cfg.backbone.startswith(OPEN_CLIP_PREFIX):
@@ -425,6 +559,8 @@ def build_image_backbone(cfg: ImageTowerConfig, pretrained: bool = True) -> Imag
 
 def build_text_backbone(cfg: TextTowerConfig, pretrained: bool = True) -> TextBackbone:
     """Text backbone for a tower config; `pretrained=False` skips every weight file."""
+    if cfg.tune_layers and cfg.backbone != MINILM:
+        raise ValueError(f"tune_layers is for {MINILM}, not {cfg.backbone!r}")
     if cfg.backbone == MINILM:
         return MiniLMBackbone(cfg, pretrained=pretrained)
     if cfg.backbone.startswith(OPEN_CLIP_PREFIX):

@@ -42,13 +42,20 @@ def _saved_backbones(model: XModal) -> list[str]:
     return [prefix for prefix, tower in towers if tower.trainable or not tower.external_weights]
 
 
-def save_checkpoint(model: XModal, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    model: XModal,
+    path: str | Path,
+    extra: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Save the head weights (plus any backbone that has no external weights) and the config.
 
     Args:
         model: the model to save.
         path: destination; `.safetensors` (recommended) or anything else for `torch.save`.
         extra: JSON-serialisable extras (step, metrics...) stored beside the config.
+        dtype: store floating-point tensors in this dtype (e.g. `torch.float16` halves a
+            shipped file); loading casts them back to the model's dtype. None = as they are.
 
     Returns:
         The path written (atomically: a temporary file renamed into place).
@@ -60,6 +67,8 @@ def save_checkpoint(model: XModal, path: str | Path, extra: dict[str, Any] | Non
         k: v.detach().to("cpu").contiguous().clone()
         for k, v in model.head_state_dict(backbones).items()
     }
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     config_json = model.config.to_json()
     extra_json = json.dumps(extra or {})
     path.parent.mkdir(parents=True, exist_ok=True)

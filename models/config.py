@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "HeadConfig",
@@ -54,6 +54,10 @@ class ImageTowerConfig(_Strict):
     std: tuple[float, float, float] = IMAGENET_STD
     # Fine-tune the backbone (GPU); False = frozen, eval mode, requires_grad False.
     trainable: bool = False
+    # EfficientNet-Lite only: the last `tune_blocks` MBConv blocks and the 1x1 head conv are
+    # trained with the heads (their BatchNorm statistics stay frozen); the frozen trunk below
+    # them is what the feature cache stores, so this trains on CPU. 0 = fully frozen.
+    tune_blocks: int = Field(0, ge=0)
 
 
 class TextTowerConfig(_Strict):
@@ -68,6 +72,9 @@ class TextTowerConfig(_Strict):
     checkpoint: str | None = None
     # Fine-tune the backbone (GPU); False = frozen, eval mode, requires_grad False.
     trainable: bool = False
+    # all-MiniLM-L6-v2 only: the last `tune_layers` transformer layers are trained with the
+    # heads; the feature cache stores the hidden states below them. 0 = fully frozen.
+    tune_layers: int = Field(0, ge=0)
 
 
 class HeadConfig(_Strict):

@@ -109,10 +109,10 @@ def embed_cached(
     imgs, txts = [], []
     for lo in range(0, feats.num_images, batch_size):
         x, n = feats.images(np.arange(lo, min(lo + batch_size, feats.num_images)))
-        imgs.append(model.embed_image_features(x.to(device), n.to(device)).float().cpu())
+        imgs.append(model.embed_image_cache(x.to(device), n.to(device)).float().cpu())
     for lo in range(0, feats.num_captions, batch_size):
         x, n = feats.texts(np.arange(lo, min(lo + batch_size, feats.num_captions)))
-        txts.append(model.embed_text_features(x.to(device), n.to(device)).float().cpu())
+        txts.append(model.embed_text_cache(x.to(device), n.to(device)).float().cpu())
     model.train(was_training)
     return torch.cat(imgs), torch.cat(txts)
 

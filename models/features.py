@@ -69,20 +69,27 @@ def image_cache_dir(
     image_size: int,
     mean: Sequence[float] = (),
     std: Sequence[float] = (),
+    tune_blocks: int = 0,
 ) -> Path:
     """Folder of the image-feature cache for ``ds`` under ``root``.
 
     The pixel normalisation (``mean``/``std``) is part of the key: the same backbone fed
-    differently normalised pixels gives different features.
+    differently normalised pixels gives different features. So is the cut point: with
+    ``tune_blocks`` > 0 the cache holds the trunk's output below the tuned blocks.
     """
     norm = hashlib.sha1(repr((tuple(mean), tuple(std))).encode()).hexdigest()[:6]
-    key = f"img-{_slug(backbone)}-{image_size}-n{norm}-{ds.split}-{ds.image_fingerprint()}"
+    cut = f"-cut{tune_blocks}" if tune_blocks else ""
+    key = f"img-{_slug(backbone)}-{image_size}-n{norm}{cut}-{ds.split}-{ds.image_fingerprint()}"
     return Path(root) / _slug(ds.name) / key
 
 
-def text_cache_dir(root: str | Path, ds: CaptionDataset, backbone: str, max_length: int) -> Path:
-    """Folder of the text-feature cache for ``ds`` under ``root``."""
-    key = f"txt-{_slug(backbone)}-{max_length}-{ds.split}-{ds.caption_fingerprint()}"
+def text_cache_dir(
+    root: str | Path, ds: CaptionDataset, backbone: str, max_length: int, tune_layers: int = 0
+) -> Path:
+    """Folder of the text-feature cache for ``ds`` under ``root`` (with ``tune_layers`` > 0
+    it holds the hidden states below the tuned layers)."""
+    cut = f"-cut{tune_layers}" if tune_layers else ""
+    key = f"txt-{_slug(backbone)}-{max_length}{cut}-{ds.split}-{ds.caption_fingerprint()}"
     return Path(root) / _slug(ds.name) / key
 
 

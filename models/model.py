@@ -29,6 +29,7 @@ from models.backbones import (
     TextBackbone,
     build_image_backbone,
     build_text_backbone,
+    full_lengths,
 )
 from models.config import HeadConfig, ModelConfig
 from models.gpo import GPO, length_mask
@@ -217,6 +218,15 @@ class XModal(nn.Module):
             return F.normalize(pooled, dim=-1)
         return pooled
 
+    def image_top(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Cached trunk features -> backbone grid features: runs the tuned top layers of the
+        image backbone (`tune_blocks`); identity for a frozen tower."""
+        backbone = self.image_backbone
+        if not backbone.tuned_prefixes():
+            return feats, lengths
+        grid = backbone.top(feats.to(self.device, self.dtype))
+        return grid, full_lengths(grid)
+
     def embed_image_features(
         self, feats: Tensor, lengths: Tensor, normalize: bool = True
     ) -> Tensor:
@@ -224,10 +234,28 @@ class XModal(nn.Module):
         x = self.image_proj(feats.to(self.dtype))  # [B, N, D]
         return self._finish(self.image_pool(x, lengths.to(x.device)), normalize)
 
+    def embed_image_cache(self, feats: Tensor, lengths: Tensor, normalize: bool = True) -> Tensor:
+        """Cached image features (the backbone trunk's output, see `features.py`) ->
+        `[B,D]` or `[B,K,D]`: `image_top`, then `embed_image_features`."""
+        return self.embed_image_features(*self.image_top(feats, lengths), normalize=normalize)
+
     def embed_text_features(self, feats: Tensor, lengths: Tensor, normalize: bool = True) -> Tensor:
         """Backbone token features `[B,L,C]`, lengths `[B]` -> `[B,D]` or `[B,K,D]`."""
         x = self.text_proj(feats.to(self.dtype))  # [B, L, D]
         return self._finish(self.text_pool(x, lengths.to(x.device)), normalize)
+
+    def text_top(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Cached trunk token features -> backbone token features: runs the tuned top layers
+        of the text backbone (`tune_layers`); identity for a frozen tower."""
+        backbone = self.text_backbone
+        if not backbone.tuned_prefixes():
+            return feats, lengths
+        lengths = lengths.to(self.device)
+        return backbone.top(feats.to(self.device, self.dtype), lengths), lengths
+
+    def embed_text_cache(self, feats: Tensor, lengths: Tensor, normalize: bool = True) -> Tensor:
+        """Cached text features (the trunk's output) -> `[B,D]` or `[B,K,D]`."""
+        return self.embed_text_features(*self.text_top(feats, lengths), normalize=normalize)
 
     # -- full encoders ------------------------------------------------------------------------
 
@@ -358,8 +386,13 @@ class XModal(nn.Module):
 
     def head_state_dict(self, include_backbones: Sequence[str] = ()) -> dict[str, Tensor]:
         """State dict without the backbone weights, except the listed backbone prefixes
-        (e.g. `("image_backbone.",)` for a fine-tuned or randomly initialised tower)."""
-        keep = tuple(include_backbones)
+        (e.g. `("image_backbone.",)` for a fine-tuned or randomly initialised tower), plus the
+        tuned top layers of either backbone (`tune_blocks`, `tune_layers`)."""
+        keep = (
+            *include_backbones,
+            *(f"image_backbone.{p}" for p in self.image_backbone.tuned_prefixes()),
+            *(f"text_backbone.{p}" for p in self.text_backbone.tuned_prefixes()),
+        )
         return {
             k: v
             for k, v in self.state_dict().items()

@@ -116,7 +116,8 @@ class TrainConfig(BaseModel):
     target_rsum: float | None = None
     # Full fine-tuning through the backbones on raw images/captions (GPU); False = cached.
     finetune_backbone: bool = False
-    backbone_lr_scale: float = 0.1  # backbone LR = lr * scale when fine-tuning
+    # Backbone LR = lr * scale when fine-tuning (full, or the `tune_blocks` top of a tower).
+    backbone_lr_scale: float = 0.1
     # Continue from out_dir/last.safetensors + train_state.pt when present.
     resume: bool = False
     eval_batch_size: int = 512
@@ -141,17 +142,53 @@ def load_split_features(
     from models.backbones import build_image_backbone, build_text_backbone
 
     icfg = model_cfg.image
-    img_dir = image_cache_dir(cache_dir, ds, icfg.backbone, icfg.image_size, icfg.mean, icfg.std)
-    txt_dir = text_cache_dir(cache_dir, ds, model_cfg.text.backbone, model_cfg.text.max_length)
+    img_dir = image_cache_dir(
+        cache_dir, ds, icfg.backbone, icfg.image_size, icfg.mean, icfg.std, icfg.tune_blocks
+    )
+    tcfg = model_cfg.text
+    txt_dir = text_cache_dir(cache_dir, ds, tcfg.backbone, tcfg.max_length, tcfg.tune_layers)
     if not (img_dir / "meta.json").exists():
         backbone = build_image_backbone(icfg).to(device).eval()
-        extract_image_features(backbone, ds.images, img_dir, device=device, progress=progress)
-        del backbone
+        # The cache holds what the frozen trunk gives (the grid itself when nothing is tuned).
+        trunk = TrunkView(backbone)
+        extract_image_features(trunk, ds.images, img_dir, device=device, progress=progress)
+        del backbone, trunk
     if not (txt_dir / "meta.json").exists():
-        tbackbone = build_text_backbone(model_cfg.text).to(device).eval()
-        extract_text_features(tbackbone, ds.captions, txt_dir, device=device, progress=progress)
-        del tbackbone
+        tbackbone = build_text_backbone(tcfg).to(device).eval()
+        ttrunk = TextTrunkView(tbackbone)
+        extract_text_features(ttrunk, ds.captions, txt_dir, device=device, progress=progress)
+        del tbackbone, ttrunk
     return load_features(img_dir, txt_dir, ds.caption_to_image)
+
+
+class TrunkView:
+    """An image backbone seen through its frozen trunk (what the feature cache stores)."""
+
+    def __init__(self, backbone: Any) -> None:
+        self.backbone = backbone
+
+    def preprocess(self, images: list[Any]) -> Tensor:
+        return self.backbone.preprocess(images)  # type: ignore[no-any-return]
+
+    def __call__(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        from models.backbones import full_lengths
+
+        feats = self.backbone.trunk(pixels)
+        return feats, full_lengths(feats)
+
+
+class TextTrunkView:
+    """A text backbone seen through its frozen trunk (what the feature cache stores)."""
+
+    def __init__(self, backbone: Any) -> None:
+        self.backbone = backbone
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        return self.backbone.tokenize(texts)  # type: ignore[no-any-return]
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.backbone.trunk(input_ids, attention_mask)
+        return feats, attention_mask.sum(dim=1).long()
 
 
 def drop_features(
@@ -366,8 +403,14 @@ def train(cfg: TrainConfig) -> Path:
     dev_feats = load_split_features(dev_ds, model_cfg, cfg.cache_dir, cfg.device, cfg.progress)
     train_feats = train_feats.in_memory()  # random access; ~0.75 GB for Flickr8k at lite0/224
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Tuned backbone blocks (`tune_blocks`) learn at lr * backbone_lr_scale, the heads at lr.
+    tuned = [p for n, p in model.named_parameters() if "_backbone." in n and p.requires_grad]
+    heads = [p for n, p in model.named_parameters() if "_backbone." not in n and p.requires_grad]
+    params = heads + tuned
+    groups = [{"params": heads, "scale": 1.0}]
+    if tuned:
+        groups.append({"params": tuned, "scale": cfg.backbone_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: dict[str, list] = {"loss": [], "dev": []}
     start_epoch, step, trained_s, best = 0, 0, 0.0, -1.0
     if cfg.resume and (out / "train_state.pt").exists():
@@ -386,7 +429,7 @@ def train(cfg: TrainConfig) -> Path:
     for epoch in range(start_epoch, cfg.epochs):
         lr = _lr_at(epoch, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
         hardest = epoch >= cfg.warmup_epochs
         model.train()
         batches = _epoch_batches(train_feats, cfg, rng)
@@ -398,11 +441,13 @@ def train(cfg: TrainConfig) -> Path:
             if cfg.epoch_mode == "grouped":  # one image row per image, captions point to it
                 img_idx, inverse = np.unique(img_idx, return_inverse=True)
                 owner = torch.from_numpy(inverse.reshape(-1)).to(cfg.device)
+            dev_ = cfg.device
             x, xn = train_feats.images(img_idx)
             t, tn = train_feats.texts(cap_idx)
+            x, xn = model.image_top(x.to(dev_), xn.to(dev_))  # tuned backbone blocks, if any
+            t, tn = model.text_top(t.to(dev_), tn.to(dev_))
             x, xn = drop_features(x, xn, cfg.image_drop, gen)
             t, tn = drop_features(t, tn, cfg.token_drop, gen)
-            dev_ = cfg.device
             img = model.embed_image_features(x.to(dev_), xn.to(dev_))
             txt = model.embed_text_features(t.to(dev_), tn.to(dev_))
             ids = torch.from_numpy(img_idx).to(dev_)
@@ -504,12 +549,12 @@ def _adaptive_negatives(
     neg_caps, neg_imgs = neg_caps[neg_caps >= 0], neg_imgs[neg_imgs >= 0]
     if len(neg_caps):
         t, tn = feats.texts(neg_caps)
-        e_txt = model.embed_text_features(t.to(dev), tn.to(dev))
+        e_txt = model.embed_text_cache(t.to(dev), tn.to(dev))
     else:
         e_txt = txt[:0]
     if len(neg_imgs):
         x, xn = feats.images(neg_imgs)
-        e_img = model.embed_image_features(x.to(dev), xn.to(dev))
+        e_img = model.embed_image_cache(x.to(dev), xn.to(dev))
     else:
         e_img = img[:0]
     owner = torch.from_numpy(feats.caption_to_image[neg_caps]).to(dev)

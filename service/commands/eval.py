@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             bank_txt = torch.cat(
                 [
-                    model.embed_text_features(*(t.to(args.device) for t in bank_feats.texts(idx)))
+                    model.embed_text_cache(*(t.to(args.device) for t in bank_feats.texts(idx)))
                     .float()
                     .cpu()
                     for idx in np.array_split(

@@ -45,6 +45,7 @@ _FIELDS = {
     "max_images": "max_images",
     "device": "device",
     "threads": "num_threads",
+    "backbone_lr_scale": "backbone_lr_scale",
     "seed": "seed",
 }
 
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--finetune-backbone", action="store_true", help="train the backbones too")
+    p.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        help="LR of fine-tuned backbone weights (full, or tune_blocks) = lr * this (0.1)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -57,6 +57,18 @@ def test_round_trip_identical_embeddings(tmp_path: Path, pooling: str) -> None:
         torch.testing.assert_close(loaded.encode_image(pixels), model.encode_image(pixels))
 
 
+def test_half_precision_file_is_half_the_size_and_loads_as_float32(tmp_path: Path) -> None:
+    model = perturb(XModal(tiny("gpo")))
+    full = save_checkpoint(model, tmp_path / "full.safetensors")
+    half = save_checkpoint(model, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_checkpoint(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    a, b = loaded.embed_texts(TEXTS), model.embed_texts(TEXTS)
+    assert not np.array_equal(a, b)  # rounded...
+    np.testing.assert_allclose(a, b, atol=5e-3)  # ...by no more than fp16 rounding
+
+
 def test_torch_format_round_trip(tmp_path: Path) -> None:
     model = perturb(XModal(tiny("mean")))
     path = save_checkpoint(model, tmp_path / "m.pt", extra={"note": "pt"})
