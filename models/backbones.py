@@ -378,7 +378,7 @@ class MiniLMBackbone(TextBackbone):
         return x
 
 
-def bert_layer(layer: nn.Module, x: Tensor, keys: Tensor) -> Tensor:
+def bert_layer(layer: Any, x: Tensor, keys: Tensor) -> Tensor:
     """One BERT encoder layer in inference form (no dropout), written out with tensor ops
     (exportable; independent of the transformers version's attention plumbing).
 

@@ -1,7 +1,7 @@
 """The ``xmodal`` console script.
 
 ``xmodal serve [--host H] [--port P] [--data-dir DIR]`` starts the API (and, in embedded mode,
-the in-process worker); ``xmodal worker``, ``xmodal train``, ``xmodal eval`` and
+the in-process worker); ``xmodal worker``, ``xmodal train``, ``xmodal eval``, ``xmodal export`` and
 ``xmodal querybank build`` run ``service.commands.<name>.main(argv)`` with the remaining
 arguments. Settings come from ``XMODAL_*`` variables; command-line flags override them.
 """
@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "train a model on cached features",
     "eval": "evaluate retrieval (R@K, RSUM), with and without QB-Norm",
     "querybank": "build or inspect the QB-Norm querybank (querybank build --data DIR)",
+    "export": "export a checkpoint to ship (rename, float16)",
 }
 
 USAGE = "usage: xmodal <command> [args...]\n\ncommands:\n" + "".join(

@@ -173,3 +173,34 @@ def test_xmodal_serve_process_end_to_end(tmp_path: Path) -> None:
     assert any(line.get("request_id") for line in lines)
     assert "stopped" in messages  # the lifespan's graceful shutdown ran
     assert list((tmp_path / "data" / "index" / "tiny-random" / "text").glob("snapshot.*"))
+
+
+def test_export_renames_and_halves_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from models.factory import get_model_config
+    from models.model import XModal
+    from service.commands import export as export_cmd
+
+    cfg = get_model_config("tiny-random").model_copy(update={"name": "my-run", "seed": 5})
+    model = XModal(cfg, pretrained=False)
+    src = save_checkpoint(model, tmp_path / "run.safetensors", extra={"epoch": 3})
+    out = tmp_path / "ship.safetensors"
+    assert cli.main(["export", "--checkpoint", str(src), "--out", str(out), "--half"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["path"] == str(out) and len(report["sha256"]) == 64
+    assert out.stat().st_size < 0.6 * src.stat().st_size
+    config, _, _, extra = read_checkpoint(out)
+    assert config.name == "my-run" and extra["epoch"] == 3
+    texts = ["a dog on the grass", "two people"]
+    assert abs(load_checkpoint(out).embed_texts(texts) - model.embed_texts(texts)).max() < 5e-3
+
+    # Renaming to a registry name whose config differs would serve mismatched weights.
+    with pytest.raises(SystemExit, match="differs from the registry config"):
+        export_cmd.main(["--checkpoint", str(src), "--out", str(out), "--name", "tiny-random"])
+    renamed = tmp_path / "renamed.safetensors"
+    tiny = XModal(get_model_config("tiny-random").model_copy(update={"name": "x"}), False)
+    src2 = save_checkpoint(tiny, tmp_path / "x.safetensors")
+    export_cmd.main(["--checkpoint", str(src2), "--out", str(renamed), "--name", "tiny-random"])
+    assert read_checkpoint(renamed)[0] == get_model_config("tiny-random")
