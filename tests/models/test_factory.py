@@ -20,6 +20,7 @@ SHIPPED = {
     "effnet-lite0-minilm-gpo",
     "effnet-lite0-minilm-mean",
     "effnet-lite0-minilm-max",
+    "effnet-lite0-minilm-max-tuned",
     "effnet-lite0-minilm-set",
     "effnet-lite2-minilm-gpo",
     "openclip-vit-b-32-gpo",
@@ -31,7 +32,7 @@ def test_list_models_contains_the_configs() -> None:
     names = list_models()
     assert set(names) >= SHIPPED
     assert names == sorted(names)
-    assert DEFAULT_MODEL == "effnet-lite0-minilm-max"
+    assert DEFAULT_MODEL == "effnet-lite0-minilm-max-tuned"
     assert get_model_config(DEFAULT_MODEL).embed_dim == 1024
 
 

@@ -6,7 +6,7 @@ from models import DEFAULT_MODEL, get_model_config
 from models.checkpoint import read_checkpoint
 from models.factory import shipped_weights
 
-MAX_SHIPPED_MB = 25  # issue #3: heads only, backbones come from their packages
+MAX_SHIPPED_MB = 25  # issue #3: heads (+ tuned top blocks); backbones come from their packages
 
 
 def test_default_model_ships_weights_within_budget() -> None:
@@ -21,5 +21,15 @@ def test_shipped_config_equals_the_named_config() -> None:
     assert path is not None
     config, state, backbones, _ = read_checkpoint(path)
     assert config == get_model_config(DEFAULT_MODEL)
-    assert backbones == [], "shipped weights must be heads only"
+    assert backbones == [], "shipped weights must not carry whole backbones"
     assert state, "shipped weights hold no tensors"
+    # Only the tuned top of a backbone may ride along with the heads.
+    model_prefixes = tuple(
+        f"image_backbone.net._blocks.{i}." for i in range(16 - config.image.tune_blocks, 16)
+    )
+    for key in state:
+        if key.startswith("image_backbone."):
+            assert key.startswith(
+                (*model_prefixes, "image_backbone.net._conv_head.", "image_backbone.net._bn1.")
+            ), key
+        assert not key.startswith("text_backbone.") or config.text.tune_layers, key
