@@ -116,7 +116,7 @@ class TrainConfig(BaseModel):
     target_rsum: float | None = None
     # Full fine-tuning through the backbones on raw images/captions (GPU); False = cached.
     finetune_backbone: bool = False
-    # Backbone LR = lr * scale when fine-tuning (full, or the `tune_blocks` top of a tower).
+    # Backbone LR = lr * scale when fine-tuning (full, or a tuned top: tune_blocks, tune_layers).
     backbone_lr_scale: float = 0.1
     # Continue from out_dir/last.safetensors + train_state.pt when present.
     resume: bool = False
