@@ -62,10 +62,16 @@ class _Frozen(nn.Module):
     # checkpoint file), so `save_checkpoint` can leave them out.
     external_weights: bool = False
 
+    def tuned_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes (relative to this module) of the tuned top layers: their
+        weights are trained with the heads and saved in checkpoints."""
+        return ()
+
     def _set_trainable(self, trainable: bool) -> None:
+        # The tuned top layers (if any) train even when the rest is frozen.
         self.trainable = trainable
-        for p in self.parameters():
-            p.requires_grad_(trainable)
+        for name, p in self.named_parameters():
+            p.requires_grad_(trainable or name.startswith(self.tuned_prefixes()))
         self.train(False)
 
     def train(self, mode: bool = True) -> _Frozen:
@@ -121,11 +127,6 @@ class ImageBackbone(_Frozen):
         (identity for a frozen tower)."""
         return feats
 
-    def tuned_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes (relative to this module) of the tuned top layers: their
-        weights are trained with the heads and saved in checkpoints."""
-        return ()
-
     def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         feats = self.grid(pixels)
         return feats, full_lengths(feats)
@@ -167,10 +168,6 @@ class EfficientNetLiteBackbone(ImageBackbone):
             raise ValueError(f"{cfg.backbone} has {blocks} blocks, tune_blocks={cfg.tune_blocks}")
         self.tune_blocks = cfg.tune_blocks
         self._set_trainable(cfg.trainable)
-        if self.tune_blocks and not cfg.trainable:
-            for prefix in self.tuned_prefixes():
-                for p in self.get_submodule(prefix.rstrip(".")).parameters():
-                    p.requires_grad_(True)
 
     def tuned_prefixes(self) -> tuple[str, ...]:
         if not self.tune_blocks:
@@ -300,10 +297,6 @@ class TextBackbone(_Frozen):
         """The tuned top layers: trunk features -> token features (identity when frozen)."""
         return feats
 
-    def tuned_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes (relative to this module) of the tuned top layers."""
-        return ()
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         feats = self.tokens(input_ids, attention_mask)
         lengths = attention_mask.sum(dim=1).long()
@@ -336,9 +329,6 @@ class MiniLMBackbone(TextBackbone):
             raise ValueError(f"{MINILM} has {layers} layers, tune_layers={cfg.tune_layers}")
         self.tune_layers = cfg.tune_layers
         self._set_trainable(cfg.trainable)
-        for prefix in self.tuned_prefixes():
-            for p in self.get_submodule(prefix.rstrip(".")).parameters():
-                p.requires_grad_(True)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         batch = self.tokenizer(
