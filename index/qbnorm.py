@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 _COLUMN_CHUNK = 2048  # gallery columns per step when reducing over the bank (bounds memory)
 MIN_ADAPTIVE_SHORTLIST = 64  # first shortlist of the adaptive search
+_REFILL_MARGIN = 16  # extra gallery hits a refill re-scores, so ties at the k-th place are seen
 
 
 class QBNormConfig(BaseModel):
@@ -170,15 +171,33 @@ def dynamic_inverted_softmax(
 
 def _item_scores(bank: np.ndarray, vectors: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Bank-to-item similarities ``[B, n_items]``: best vector per item (as the gallery
-    search scores items), or Smooth-Chamfer for set banks ``[B,K,D]``."""
+    search scores items), or Smooth-Chamfer for set banks ``[B,K,D]``.
+
+    Single-vector scores are accumulated in float64 and rounded to float32, so one
+    (query, item) pair gets the same bits whatever batch it is scored in (BLAS blocking
+    changes float32 sums in the last bit); equal vectors then tie exactly, and
+    :func:`_top_k` breaks the tie by a fixed rule instead of by scoring order.
+    """
     if bank.ndim == 2:
-        s = bank @ vectors.T  # [B, n_vec]
+        s = (bank.astype(np.float64) @ vectors.astype(np.float64).T).astype(np.float32)
         return np.maximum.reduceat(s, offsets[:-1], axis=1)
     from index.multivector import set_similarity
 
     n_items = len(offsets) - 1
     items = vectors.reshape(n_items, -1, vectors.shape[1])
     return set_similarity(bank, items)
+
+
+def _top_k(scores: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``scores``/``idx [B, n]``, the ``k`` best entries, best first.
+
+    Tie rule: higher score first; equal scores go to the lower gallery index (the item
+    registered first), and empty slots (``idx == -1``, score ``-inf``) last. This is what
+    makes an incrementally updated normaliser equal to a fresh fit on every path.
+    """
+    tie_idx = np.where(idx < 0, np.iinfo(np.int64).max, idx)
+    order = np.lexsort((tie_idx, -scores.astype(np.float64)), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(idx, order, 1)
 
 
 class QBNormalizer:
@@ -311,21 +330,29 @@ class QBNormalizer:
         kk = self._top_scores.shape[1]
         all_s = np.concatenate([self._top_scores, s.astype(np.float32)], axis=1)
         all_i = np.concatenate([self._top_idx, np.broadcast_to(idx, s.shape)], axis=1)
-        part = np.argpartition(-all_s, kk - 1, axis=1)[:, :kk]
-        self._top_scores = np.take_along_axis(all_s, part, 1)
-        self._top_idx = np.take_along_axis(all_i, part, 1)
+        self._top_scores, self._top_idx = _top_k(all_s, all_i, kk)
 
     def _refill(self, rows: np.ndarray) -> None:
-        """Recompute the top-k of bank queries that lost an item (search the gallery)."""
+        """Recompute the top-k of bank queries that lost an item: the gallery search gives a
+        shortlist with room for ties, which is re-scored exactly as :meth:`_add_items`
+        scores items, so the same tie rule decides (see :func:`_top_k`)."""
         g = self._require_gallery()
         kk = self._top_scores.shape[1]
-        for row, hits in zip(rows, g.search(self.bank[rows], kk), strict=True):
+        n = 4 * kk + _REFILL_MARGIN
+        for row, hits in zip(rows, g.search(self.bank[rows], n), strict=True):
             self._top_scores[row] = -np.inf
             self._top_idx[row] = -1
-            for j, h in enumerate(hits):
-                self._top_scores[row, j] = h.score
-                idx = g.item_index(h.id)
-                self._top_idx[row, j] = -1 if idx is None else idx
+            recs = [r for r in (g.get(h.id) for h in hits) if r is not None]
+            if not recs:
+                continue
+            idx = np.array([g.item_index(r.id) for r in recs], dtype=np.int64)[None]
+            counts = np.array([len(r.vectors) for r in recs], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            vectors = np.concatenate([r.vectors for r in recs])
+            s = _item_scores(self.bank[row : row + 1], vectors, offsets).astype(np.float32)
+            top_s, top_i = _top_k(s, idx, kk)
+            self._top_scores[row, : top_s.shape[1]] = top_s[0]
+            self._top_idx[row, : top_i.shape[1]] = top_i[0]
 
     def _refresh_active(self) -> None:
         active = np.zeros(len(self._lognorm), dtype=bool)
