@@ -160,12 +160,11 @@ def build_state(state: ServiceState, model: Any = None) -> None:
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     if model is None:
-        import torch
-
         from models import create_model
+        from models.device import resolve_device
 
         # None = the GPU when there is one (settings.model.device), else the CPU
-        device = settings.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(settings.model.device)
         model = create_model(
             settings.model.name, checkpoint=settings.model.checkpoint, device=device
         )

@@ -42,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=DEFAULT_BETA, help="QB-Norm inverse temperature")
     p.add_argument("--max-images", type=int, help="first N images of each split only")
     p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "features")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
-def load_model(checkpoint: Path | None, name: str | None, device: str) -> Any:
+def load_model(checkpoint: Path | None, name: str | None, device: str | torch.device) -> Any:
     """A checkpoint (config from its metadata), else the named / default shipped model."""
     if checkpoint is not None:
         from models.checkpoint import load_checkpoint
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     start = time.perf_counter()
+    from models.device import resolve_device
+
+    args.device = resolve_device(args.device)
     model = load_model(args.checkpoint, args.model, args.device).eval()
     ds = load_dataset(args.data, args.split)
     if args.max_images:

@@ -110,6 +110,7 @@ def build_worker(settings: Any) -> Any:
     import torch
 
     from models import create_model
+    from models.device import resolve_device
     from service.jobs import RedisJobStore
     from service.queue import RedisStreamQueue
     from service.replication import ReplicationPublisher
@@ -119,11 +120,10 @@ def build_worker(settings: Any) -> Any:
     queue = RedisStreamQueue(url)  # fails fast when Redis is unreachable
     jobs = RedisJobStore(url)
     publisher = ReplicationPublisher(url)
-    if settings.model.device in (None, "cpu"):
+    device = resolve_device(settings.model.device)  # None: the GPU when present, else CPU
+    if device.type == "cpu":
         torch.set_num_threads(max(1, settings.model.threads))
-    model = create_model(
-        settings.model.name, checkpoint=settings.model.checkpoint, device=settings.model.device
-    )
+    model = create_model(settings.model.name, checkpoint=settings.model.checkpoint, device=device)
     model.eval()
     if settings.worker.metrics_port:
         from prometheus_client import start_http_server
