@@ -429,6 +429,15 @@ class Gallery:
     # ---- properties -------------------------------------------------------------------
 
     @property
+    def lock(self) -> threading.RLock:
+        """The gallery's reentrant lock: holding it keeps records and index unchanged.
+
+        For callers (e.g. QBNormalizer) that must read a consistent gallery across
+        several calls; every write and search takes it too.
+        """
+        return self._lock  # type: ignore[return-value]
+
+    @property
     def version(self) -> int:
         """Monotonic change counter (persisted; bumped once per applied upsert/remove)."""
         return self._version

@@ -265,7 +265,7 @@ class QBNormalizer:
 
     def fit(self, gallery: Gallery, batch_items: int = 4096, attach: bool = True) -> QBNormalizer:
         """One pass of the bank over every gallery item; optionally follow its changes."""
-        with gallery._lock, self._lock:
+        with gallery.lock, self._lock:
             self._gallery = gallery
             self._lognorm = np.full(gallery.index_capacity, np.nan)
             self._top_scores.fill(-np.inf)
@@ -431,7 +431,7 @@ class QBNormalizer:
         n = min(cap, max(4 * k, MIN_ADAPTIVE_SHORTLIST)) if self.config.adaptive else cap
         out: list[list[Hit] | None] = [None] * len(q)
         pending = np.arange(len(q))
-        with g._lock, self._lock:
+        with g.lock, self._lock:
             while len(pending):
                 still = []
                 for row, c in zip(pending, g.search_candidates(q[pending], n, filter), strict=True):
