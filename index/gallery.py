@@ -416,6 +416,10 @@ class Gallery:
         self._item_idx: dict[str, int] = {}  # item id -> dense item index (new on replace)
         self._idx_id: list[str | None] = []  # item index -> item id (None once removed)
         self._n_live = 0  # live vectors
+        # set models: slot vectors by dense item index, contiguous [capacity, K, D], filled up
+        # to ``_sets_filled`` (dense indexes are append-only, so rows never move)
+        self._sets = np.zeros((0, num_vectors, dim), dtype=np.float32)
+        self._sets_filled = 0
         self._next_vid = 0
         self._version = 0
         self.applied_offset: str | None = None
@@ -616,6 +620,33 @@ class Gallery:
     def item_id(self, idx: int) -> str | None:
         """The item id at a dense index, or None when that item was removed/replaced."""
         return self._idx_id[idx] if 0 <= idx < len(self._idx_id) else None
+
+    def set_vectors(self, idx: np.ndarray) -> np.ndarray:
+        """Slot vectors ``[len(idx), K, D]`` of the items at dense indexes ``idx``: one
+        contiguous gather from a cache kept in step with the gallery (each item is copied
+        in once, on the first search after it arrives). Rows of items removed before that
+        are zeros; check :meth:`item_id` for liveness."""
+        with self._lock:
+            n = len(self._idx_id)
+            if n > len(self._sets):
+                shape = (max(n, 2 * len(self._sets)), self.num_vectors, self.dim)
+                grown = np.zeros(shape, dtype=np.float32)
+                grown[: self._sets_filled] = self._sets[: self._sets_filled]
+                self._sets = grown
+            for i in range(self._sets_filled, n):
+                item_id = self._idx_id[i]
+                if item_id is None:
+                    continue
+                v = self._items[item_id].vectors
+                if v.shape != self._sets.shape[1:]:
+                    self._sets_filled = i
+                    raise ValueError(
+                        f"item {item_id!r}: set search needs {self.num_vectors} vectors per "
+                        f"item, got {v.shape[0]}"
+                    )
+                self._sets[i] = v
+            self._sets_filled = n
+            return self._sets[np.asarray(idx, dtype=np.int64)]
 
     @property
     def index_capacity(self) -> int:

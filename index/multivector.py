@@ -65,6 +65,26 @@ def set_similarity(
     return out.numpy().astype(np.float32, copy=False)
 
 
+def smooth_chamfer_shortlist(
+    query: np.ndarray, sets: np.ndarray, temperature: float = DEFAULT_TEMPERATURE
+) -> np.ndarray:
+    """Smooth-Chamfer of one query set ``[K1,D]`` with each of ``sets [n,K2,D]`` -> ``[n]``.
+
+    The same maths as :func:`smooth_chamfer_np` for ``N = 1``, batched over the whole
+    shortlist: one matrix product for every slot pair, then max-shifted logsumexps.
+    """
+    n, k2, d = sets.shape
+    s = (sets.reshape(n * k2, d) @ query.T).reshape(n, k2, -1) * temperature  # [n,K2,K1]
+
+    def lse(x: np.ndarray, axis: int) -> np.ndarray:
+        top = x.max(axis=axis, keepdims=True)
+        return np.squeeze(top, axis) + np.log(np.exp(x - top).sum(axis=axis))
+
+    a_to_b = lse(s, 1).mean(-1)  # query slot i: log sum_j exp(T s_ij), mean over i
+    b_to_a = lse(s, 2).mean(-1)  # item slot j: log sum_i exp(T s_ij), mean over j
+    return ((a_to_b + b_to_a) / (2 * temperature)).astype(np.float32)
+
+
 def search_multivector(
     gallery: Gallery,
     queries: np.ndarray,
@@ -73,7 +93,11 @@ def search_multivector(
     shortlist: int | None = None,
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> list[list[Hit]]:
-    """Top-``k`` set items for query sets ``[Q,K1,D]``: max-of-max shortlist, SC re-rank."""
+    """Top-``k`` set items for query sets ``[Q,K1,D]``: max-of-max shortlist, SC re-rank.
+
+    Ties: equal max-of-max scores (shortlist cut) and equal Smooth-Chamfer scores (result
+    order) go to the lower dense item index, i.e. the item added first.
+    """
     from index.gallery import Hit
 
     q = np.asarray(queries, dtype=np.float32)
@@ -81,23 +105,28 @@ def search_multivector(
         raise ValueError(f"set queries must be [Q,K,{gallery.dim}], got {list(q.shape)}")
     n_q, k1, _ = q.shape
     n = max(k, shortlist or DEFAULT_SHORTLIST)
-    per_slot = gallery.search_vectors(q.reshape(n_q * k1, -1), n, filter)
+    per_slot = gallery.search_candidates(q.reshape(n_q * k1, -1), n, filter)
     out: list[list[Hit]] = []
     for row in range(n_q):
-        best: dict[str, float] = {}
-        for hits in per_slot[row * k1 : (row + 1) * k1]:
-            for h in hits:
-                if h.score > best.get(h.id, -np.inf):
-                    best[h.id] = h.score
-        ids = sorted(best, key=best.__getitem__, reverse=True)[:n]
-        records = [r for r in (gallery.get(i) for i in ids) if r is not None]
-        if not records:
+        cands = per_slot[row * k1 : (row + 1) * k1]
+        idx = np.concatenate([c.idx for c in cands])
+        if not len(idx):
             out.append([])
             continue
-        items = np.stack([r.vectors for r in records])  # [n, K2, D]
-        sc = set_similarity(q[row : row + 1], items, temperature)[0]
-        order = np.argsort(-sc, kind="stable")[:k]
-        out.append([Hit(records[i].id, float(sc[i])) for i in order])
+        scores = np.concatenate([c.scores for c in cands])
+        order = np.lexsort((idx, -scores))  # best first, ties to the lower index
+        idx = idx[order]
+        _, first = np.unique(idx, return_index=True)  # each item's best (first) slot pair
+        short = idx[np.sort(first)[:n]]
+        sc = smooth_chamfer_shortlist(q[row], gallery.set_vectors(short), temperature)
+        hits = []
+        for i in np.lexsort((short, -sc)).tolist():
+            item_id = gallery.item_id(int(short[i]))
+            if item_id is not None:  # None: removed since the shortlist was drawn
+                hits.append(Hit(item_id, float(sc[i])))
+                if len(hits) == k:
+                    break
+        out.append(hits)
     return out
 
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from index.gallery import Gallery, GalleryConfig, Record
-from index.multivector import brute_force_multivector, set_similarity, smooth_chamfer_np
+from index.multivector import (
+    brute_force_multivector,
+    set_similarity,
+    smooth_chamfer_np,
+    smooth_chamfer_shortlist,
+)
 from tests.index.helpers import clustered, unit
 
 DIM, K = 32, 4
@@ -52,3 +57,34 @@ def test_shortlist_rerank_matches_brute_force_smooth_chamfer(tmp_path: Path) -> 
     assert all(len(row) == 5 for row in filtered)
     with pytest.raises(ValueError, match="set items need 4 vectors"):
         g.upsert([Record("bad", items[0][:2])])
+
+
+def test_batched_shortlist_scores_equal_per_item_scores() -> None:
+    rng = np.random.default_rng(5)
+    sets = unit(rng.normal(size=(300, K, DIM)))
+    for k1 in (1, 3, K):
+        query = unit(rng.normal(size=(k1, DIM)))
+        batched = smooth_chamfer_shortlist(query, sets, 16.0)
+        per_item = [set_similarity(query[None], s[None], 16.0)[0, 0] for s in sets]
+        np.testing.assert_allclose(batched, per_item, atol=1e-5, rtol=0)
+
+
+def test_set_search_scores_exact_and_ties_go_to_the_item_added_first(tmp_path: Path) -> None:
+    items = set_items(200, seed=4)
+    g = Gallery(tmp_path, DIM, num_vectors=K, config=GalleryConfig(fsync=False))
+    # s0 and s1 hold the same slots: equal scores everywhere, so s0 (added first) leads
+    g.upsert([Record("s0", items[0]), Record("s1", items[0])])
+    g.upsert([Record(f"s{i}", v) for i, v in enumerate(items[2:], start=2)])
+    hits = g.search(items[:1], 5, shortlist=50)[0]
+    assert [h.id for h in hits[:2]] == ["s0", "s1"]
+    assert hits[0].score == hits[1].score
+    for h in hits:  # every score is the per-item Smooth-Chamfer
+        ref = set_similarity(items[:1], g.get(h.id).vectors[None], 16.0)[0, 0]  # type: ignore[union-attr]
+        assert h.score == pytest.approx(float(ref), abs=1e-5)
+    # the slot cache follows replacements and removals
+    g.upsert([Record("s0", items[7])])
+    g.remove(["s1"])
+    hits = g.search(items[:1], 5, shortlist=50)[0]
+    assert "s1" not in {h.id for h in hits}
+    # the replaced s0 now holds s7's slots and counts as added after s7
+    assert [h.id for h in g.search(items[7:8], 2, shortlist=50)[0]] == ["s7", "s0"]
