@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.text_checks import check_text
+from service.text_checks import check_encodable, check_text
 
 Modality = Literal["image", "video", "text"]
 ItemState = Literal["queued", "encoding", "indexed", "failed"]
@@ -61,6 +61,11 @@ class SearchRequest(_Request):
     @classmethod
     def _valid_text(cls, text: str | None) -> str | None:
         return None if text is None else check_text(text)
+
+    @field_validator("filter")
+    @classmethod
+    def _valid_filter(cls, flt: dict[str, FilterValue]) -> dict[str, FilterValue]:
+        return check_encodable(flt, "filter")  # type: ignore[no-any-return]
 
     @field_validator("vector")
     @classmethod
@@ -136,6 +141,11 @@ class IngestItem(_Request):
     @classmethod
     def _valid_text(cls, text: str | None) -> str | None:
         return None if text is None else check_text(text)
+
+    @field_validator("metadata")
+    @classmethod
+    def _valid_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        return check_encodable(metadata, "metadata")  # type: ignore[no-any-return]
 
     @model_validator(mode="after")
     def _one_source(self) -> IngestItem:

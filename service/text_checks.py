@@ -10,6 +10,7 @@ text is left to :func:`service.media.clean_text` (its own "text is empty" 422).
 from __future__ import annotations
 
 import unicodedata
+from typing import Any
 
 # Unicode categories a reader cannot see: controls, format (zero-width, BOM), surrogates,
 # private use, unassigned, and separators.
@@ -28,3 +29,24 @@ def check_text(text: str) -> str:
     if text.strip() and not any(unicodedata.category(ch) not in _INVISIBLE for ch in text):
         raise ValueError("text has only invisible (zero-width or format) characters")
     return text
+
+
+def check_encodable(value: Any, where: str) -> Any:
+    """Return ``value`` unchanged, or raise ValueError if any string in it (dict keys included,
+    at any depth) cannot be encoded as UTF-8. Iterative, so deep nesting cannot overflow."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+        elif isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"{where} holds text that is not valid Unicode (a lone surrogate)"
+                ) from None
+    return value

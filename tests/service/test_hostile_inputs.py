@@ -92,6 +92,15 @@ def test_bad_text_is_422_on_every_text_route(client: TestClient, text: str) -> N
     assert client.get("/items/bad").status_code == 404  # nothing was queued
 
 
+def test_surrogates_in_metadata_and_filter_are_422(client: TestClient) -> None:
+    meta = f'{{"k": {SURROGATE_JSON}}}'
+    item = f'{{"items": [{{"id": "m", "modality": "text", "text": "dog", "metadata": {meta}}}]}}'
+    _assert_error(_post_raw(client, "/ingest", item), 422, "metadata")
+    body = f'{{"text": "dog", "filter": {{"k": {SURROGATE_JSON}}}}}'
+    _assert_error(_post_raw(client, "/search", body), 422, "filter")
+    assert client.get("/items/m").status_code == 404
+
+
 def test_a_poisoned_search_fails_alone(client: TestClient) -> None:
     def normal(i: int) -> int:
         return client.post("/search", json={"text": f"a dog number {i}"}).status_code
