@@ -122,16 +122,46 @@ class MicroBatcher(Generic[T]):
             start = time.perf_counter()
             try:
                 out = await loop.run_in_executor(self.executor, self.fn, [p.value for p in live])
-            except Exception as exc:  # the callers get the error; the collector lives on
-                logger.exception("query encoding failed (%s, batch of %d)", self.kind, len(live))
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+            except Exception as exc:  # the collector lives on
+                if len(live) == 1:
+                    logger.exception("query encoding failed (%s)", self.kind)
+                    _fail(live[0], exc)
+                    continue
+                # One bad input must not fail its neighbours: encode each on its own, so only
+                # the request that raises gets the error.
+                logger.warning(
+                    "query encoding failed (%s, batch of %d): retrying one by one",
+                    self.kind,
+                    len(live),
+                    exc_info=True,
+                )
+                await self._one_by_one(live)
                 continue
             metrics.observe_encode(f"query_{self.kind}", len(live), time.perf_counter() - start)
             for i, p in enumerate(live):
                 if not p.future.done():
                     p.future.set_result(out[i])
+
+    async def _one_by_one(self, live: list[_Pending[T]]) -> None:
+        loop = asyncio.get_running_loop()
+        for p in live:
+            if p.future.done():
+                continue
+            start = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self.executor, self.fn, [p.value])
+            except Exception as exc:
+                logger.exception("query encoding failed (%s, retried alone)", self.kind)
+                _fail(p, exc)
+                continue
+            metrics.observe_encode(f"query_{self.kind}", 1, time.perf_counter() - start)
+            if not p.future.done():
+                p.future.set_result(out[0])
+
+
+def _fail(p: _Pending[Any], exc: Exception) -> None:
+    if not p.future.done():
+        p.future.set_exception(exc)
 
 
 class QueryEncoder:

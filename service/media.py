@@ -178,9 +178,14 @@ def resolve_media_path(path: str | os.PathLike[str], media_root: Path | None) ->
         raise MediaError(f"invalid path: {raw}", 400) from exc
     if not resolved.is_relative_to(root):
         raise MediaError(f"path is outside the media root: {raw}", 400)
-    if not resolved.exists():
+    try:
+        exists, is_file = resolved.exists(), resolved.is_file()
+    except OSError as exc:  # ENAMETOOLONG and kin: the path itself is unusable
+        shown = raw if len(raw) <= 200 else f"{raw[:200]}... ({len(raw)} characters)"
+        raise MediaError(f"invalid path ({exc.strerror or exc}): {shown}", 422) from exc
+    if not exists:
         raise MediaError(f"path not found: {raw}", 400)
-    if not resolved.is_file():
+    if not is_file:
         raise MediaError(f"path is not a regular file: {raw}", 400)
     return resolved
 

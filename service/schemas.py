@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.text_checks import check_encodable, check_text
+
 Modality = Literal["image", "video", "text"]
 ItemState = Literal["queued", "encoding", "indexed", "failed"]
 JobState = Literal["queued", "running", "done", "failed"]
@@ -47,11 +49,34 @@ class SearchRequest(_Request):
         None, description="apply QB-Norm: true, false, or null for the server default"
     )
     min_score: float | None = Field(
-        None, description="drop results whose `score` (QB-Norm-normalised when applied) is below"
+        None,
+        allow_inf_nan=False,
+        description="drop results whose `score` (QB-Norm-normalised when applied) is below",
     )
     filter: dict[str, FilterValue] = Field(
         default_factory=dict, description="equality filter on item metadata"
     )
+
+    @field_validator("text")
+    @classmethod
+    def _valid_text(cls, text: str | None) -> str | None:
+        return None if text is None else check_text(text)
+
+    @field_validator("filter")
+    @classmethod
+    def _valid_filter(cls, flt: dict[str, FilterValue]) -> dict[str, FilterValue]:
+        return check_encodable(flt, "filter")  # type: ignore[no-any-return]
+
+    @field_validator("vector")
+    @classmethod
+    def _rectangular(
+        cls, vector: list[float] | list[list[float]] | None
+    ) -> list[float] | list[list[float]] | None:
+        if vector and isinstance(vector[0], list):
+            lengths = {len(row) for row in vector if isinstance(row, list)}
+            if len(lengths) > 1:
+                raise ValueError(f"vector rows differ in length ({sorted(lengths)})")
+        return vector
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:
@@ -111,6 +136,16 @@ class IngestItem(_Request):
     text: str | None = Field(None, description="the text of a text item")
     path: str | None = Field(None, description="a file under the server's media root")
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("text")
+    @classmethod
+    def _valid_text(cls, text: str | None) -> str | None:
+        return None if text is None else check_text(text)
+
+    @field_validator("metadata")
+    @classmethod
+    def _valid_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        return check_encodable(metadata, "metadata")  # type: ignore[no-any-return]
 
     @model_validator(mode="after")
     def _one_source(self) -> IngestItem:
@@ -195,6 +230,16 @@ class QueryBankAppend(_Request):
     """POST /querybank: text queries to append to the text->visual bank."""
 
     texts: list[str] = Field(min_length=1, max_length=10_000)
+
+    @field_validator("texts")
+    @classmethod
+    def _valid_texts(cls, texts: list[str]) -> list[str]:
+        for i, text in enumerate(texts):
+            try:
+                check_text(text)
+            except ValueError as exc:
+                raise ValueError(f"texts[{i}]: {exc}") from None
+        return texts
 
 
 class QueryBankResponse(BaseModel):

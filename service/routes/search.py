@@ -96,6 +96,8 @@ async def _parse_request(request: Request, state: ServiceState) -> tuple[SearchR
             raw = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise _bad(f"request body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:  # as /ingest (FastAPI's body parser) answers: 400
+            raise _bad("request body is nested too deeply to parse") from exc
         if not isinstance(raw, dict):
             raise _bad("request body must be a JSON object")
     else:
@@ -126,6 +128,8 @@ def _coerce_form(raw: dict[str, Any]) -> dict[str, Any]:
                 out[key] = json.loads(value) if value else {}
             except ValueError as exc:
                 raise _bad(f"filter is not a JSON object: {exc}") from exc
+            except RecursionError as exc:
+                raise _bad("filter is nested too deeply to parse") from exc
         elif key == "qbnorm" and str(value).lower() in ("", "null", "default"):
             out[key] = None
         else:
@@ -181,7 +185,10 @@ async def _query_vector(
 
 def _check_vector(state: ServiceState, vector: Any) -> np.ndarray:
     dim, k = state.model.embed_dim, state.model.num_vectors
-    v = np.asarray(vector, dtype=np.float32)
+    try:
+        v = np.asarray(vector, dtype=np.float64)
+    except (ValueError, TypeError) as exc:  # ragged rows (the schema refuses them first)
+        raise _bad(f"vector is not a rectangular array of numbers: {exc}", 422) from exc
     expected = f"[{dim}]" if k == 1 else f"[{k}, {dim}] (or [{dim}])"
     if v.shape[-1:] != (dim,) or v.ndim > 2 or (v.ndim == 2 and k == 1) or v.size == 0:
         raise _bad(f"vector has shape {list(v.shape)}, expected {expected}", 422)
@@ -189,10 +196,19 @@ def _check_vector(state: ServiceState, vector: Any) -> np.ndarray:
         raise _bad(f"vector has shape {list(v.shape)}, expected {expected}", 422)
     if not np.all(np.isfinite(v)):
         raise _bad("vector contains NaN or infinity", 422)
-    norms = np.linalg.norm(v, axis=-1, keepdims=True)
-    if np.any(norms == 0):
+    return _unit_rows(v)
+
+
+def _unit_rows(v: np.ndarray) -> np.ndarray:
+    """L2-normalise each row stably: scale by its max-abs first, in float64, so 1e20s do not
+    overflow and 1e-30s do not underflow; only an exactly zero row is refused."""
+    scale = np.max(np.abs(v), axis=-1, keepdims=True)
+    if np.any(scale == 0):
         raise _bad("vector has zero norm", 422)
-    return np.ascontiguousarray(v / norms, dtype=np.float32)
+    scaled = v / scale
+    return np.ascontiguousarray(
+        scaled / np.linalg.norm(scaled, axis=-1, keepdims=True), dtype=np.float32
+    )
 
 
 def _item_vector(state: ServiceState, item_id: str) -> np.ndarray:
