@@ -372,6 +372,13 @@ def _plot(history: dict[str, list], path: Path) -> None:
 # training
 
 
+def dataset_id(data: Path) -> str:
+    """The identifier of the dataset at `data` that checkpoints record: the folder's name, or
+    the file's stem for a Karpathy JSON (`.../flickr8k` -> "flickr8k")."""
+    path = data if data.name else data.resolve()  # "." has no name of its own
+    return path.stem if path.is_file() else path.name
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train the heads of ``cfg.model`` and return the path of the best dev checkpoint."""
     from models.checkpoint import load_state_into, read_checkpoint, save_checkpoint
@@ -389,6 +396,7 @@ def train(cfg: TrainConfig) -> Path:
     random.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     out = Path(cfg.out_dir)
+    data_id = dataset_id(Path(cfg.data))  # what this run read, recorded in checkpoints
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
 
@@ -479,7 +487,7 @@ def train(cfg: TrainConfig) -> Path:
         )  # fmt: skip
         if cfg.progress:
             tqdm.write(f"epoch {epoch + 1}: dev {json.dumps(metrics)}  ({trained_s:.0f} s)")
-        extra = {"epoch": epoch + 1, "step": step, "dev_rsum": metrics["rsum"], "data": "flickr8k"}
+        extra = {"epoch": epoch + 1, "step": step, "dev_rsum": metrics["rsum"], "data": data_id}
         if metrics["rsum"] > best:
             best = metrics["rsum"]
             save_checkpoint(model, out / "best.safetensors", extra)
@@ -602,6 +610,7 @@ def train_finetune(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     out = Path(cfg.out_dir)
+    data_id = dataset_id(Path(cfg.data))  # what this run read, recorded in checkpoints
     out.mkdir(parents=True, exist_ok=True)
     overrides = {"image": {"trainable": True}, "text": {"trainable": True}}
     mcfg = model_config_for(
@@ -649,7 +658,10 @@ def train_finetune(cfg: TrainConfig) -> Path:
         trained_s += time.perf_counter() - t0
         metrics = _evaluate_raw(model, dev_ds, cfg.eval_batch_size)
         history["dev"].append({"epoch": epoch + 1, "step": step, "seconds": trained_s, **metrics})
-        extra = {"epoch": epoch + 1, "step": step, "dev_rsum": metrics["rsum"], "finetuned": True}
+        extra = {
+            "epoch": epoch + 1, "step": step, "dev_rsum": metrics["rsum"], "data": data_id,
+            "finetuned": True,
+        }  # fmt: skip
         if metrics["rsum"] > best:
             best = metrics["rsum"]
             save_checkpoint(model, out / "best.safetensors", extra)

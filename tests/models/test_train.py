@@ -42,8 +42,8 @@ class _Stub:
         return feats, torch.full((len(idx),), self.n)
 
 
-def _setup(root: Path) -> tuple[Path, Path]:
-    data, cache = root / "data", root / "cache"
+def _setup(root: Path, name: str = "data") -> tuple[Path, Path]:
+    data, cache = root / name, root / "cache"
     rows = []
     for i in range(NUM_IMAGES):
         split = "train" if i < 32 else "dev"
@@ -69,7 +69,7 @@ def _setup(root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _setup(tmp_path_factory.mktemp("train"))
+    return _setup(tmp_path_factory.mktemp("train"), name="tiny-pairs")
 
 
 def _cfg(data: Path, cache: Path, out: Path, **kw) -> TrainConfig:
@@ -105,6 +105,16 @@ def test_loss_decreases_and_resume_continues(synthetic: tuple[Path, Path], tmp_p
     assert resumed["epoch"] == 5
     assert resumed["step"] == steps_done + per_epoch  # continued from the saved step
     assert [d["epoch"] for d in resumed["history"]["dev"]] == list(range(1, 6))
+
+
+def test_checkpoints_record_the_dataset_that_was_read(
+    synthetic: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, cache = synthetic
+    best = train(_cfg(data, cache, tmp_path, epochs=1))
+    for path in (best, tmp_path / "last.safetensors"):
+        extra = load_checkpoint(path, pretrained=False).checkpoint_extra
+        assert extra["data"] == "tiny-pairs"  # the folder it read, not a hard-coded "flickr8k"
 
 
 @pytest.mark.parametrize(
