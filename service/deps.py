@@ -1,7 +1,7 @@
 """Dependencies of the routes: the service state on ``app.state``, readiness, API keys.
 
 Routes declare what they need with the ``Annotated`` aliases at the bottom
-(``State``, ``ReadyState``, ``Config``) and guard themselves with ``ReadAccess`` /
+(``State``, ``ReadyState``) and guard themselves with ``ReadAccess`` /
 ``WriteAccess``; nothing in a route reaches into ``request.app`` directly.
 """
 
@@ -13,7 +13,6 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request, status
 
 from service.app import ServiceState
-from service.settings import Settings
 
 
 def get_state(request: Request) -> ServiceState:
@@ -30,11 +29,6 @@ def get_ready_state(request: Request) -> ServiceState:
             status.HTTP_503_SERVICE_UNAVAILABLE, detail, headers={"Retry-After": "5"}
         )
     return state
-
-
-def get_settings(request: Request) -> Settings:
-    """The one Settings object."""
-    return get_state(request).settings
 
 
 def _presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
@@ -99,6 +93,5 @@ def require_write(
 
 State = Annotated[ServiceState, Depends(get_state)]
 ReadyState = Annotated[ServiceState, Depends(get_ready_state)]
-Config = Annotated[Settings, Depends(get_settings)]
 ReadAccess = Depends(require_read)
 WriteAccess = Depends(require_write)

@@ -324,13 +324,6 @@ class RedisStreamQueue:
             "dead_letters": self.dead_letters(),
         }
 
-    def ping(self) -> bool:
-        """True when Redis answers (readiness)."""
-        try:
-            return bool(self.redis.ping())
-        except Exception:  # noqa: BLE001 - any failure means not ready
-            return False
-
     def close(self) -> None:
         self.redis.close()
 

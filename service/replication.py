@@ -154,10 +154,6 @@ class ReplicationPublisher:
         out = pipe.execute()
         return str(out[-2].decode())
 
-    def publish(self, records: Mapping[str, Sequence[Record]]) -> str | None:
-        """Alias of :meth:`write`."""
-        return self.write(records)
-
     def publish_delete(self, ids: Iterable[str]) -> str | None:
         """Append a delete tombstone for ``ids``; every replica removes them. Returns its id."""
         ids = list(dict.fromkeys(ids))

@@ -42,7 +42,6 @@ class IngestSettings(BaseModel):
     max_text_chars: int = Field(2_000, ge=1)  # longer text is rejected, not truncated
     max_video_seconds: float = Field(600.0, gt=0)
     media_root: Path | None = None  # items may give a `path` only inside this folder
-    allow_urls: bool = False  # fetching media from URLs is off by default
     video_segment_seconds: float = Field(4.0, gt=0)  # one vector per segment of this length
     video_frames_per_segment: int = Field(4, ge=1)
     max_queue_depth: int = Field(1_000_000, ge=0)  # ingest backlog cap (0 = none); beyond: 429

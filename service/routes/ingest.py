@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, status
 
 from service import media, metrics
 from service.deps import ReadAccess, ReadyState, WriteAccess
+from service.jobs import JobStatus
 from service.schemas import (
     IngestItem,
     IngestRequest,
@@ -119,18 +120,7 @@ async def get_job(job_id: str, state: ReadyState) -> JobResponse:
     return _job_response(job_id, job)
 
 
-def _job_response(job_id: str, job: Any) -> JobResponse:
+def _job_response(job_id: str, job: JobStatus) -> JobResponse:
     """Adapt the job store's JobStatus to the API schema."""
-    if isinstance(job, dict):
-        items = job.get("items", [])
-        state = job.get("state")
-    else:
-        items = getattr(job, "items", [])
-        state = getattr(job, "state", None)
-    out = []
-    for it in items:
-        if isinstance(it, dict):
-            out.append(JobItem(id=it["id"], state=it["state"], error=it.get("error")))
-        else:
-            out.append(JobItem(id=it.id, state=it.state, error=getattr(it, "error", None)))
-    return JobResponse(job_id=job_id, state=state or "queued", items=out)
+    items = [JobItem(id=it.id, state=it.state, error=it.error) for it in job.items]
+    return JobResponse(job_id=job_id, state=job.state, items=items)
