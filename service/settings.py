@@ -59,6 +59,15 @@ class WorkerSettings(BaseModel):
     metrics_port: int = Field(9100, ge=0, le=65535)  # `xmodal worker` serves /metrics here; 0 = off
 
 
+class ThumbnailSettings(BaseModel):
+    """Previews the worker stores per item (service/thumbnails.py): image thumbnails, video
+    poster frames (one per segment), text snippets."""
+
+    enabled: bool = True
+    size: int = Field(256, ge=16, le=2048)  # longer side of a thumbnail, pixels
+    quality: int = Field(80, ge=1, le=95)  # JPEG quality
+
+
 class AuthSettings(BaseModel):
     """Optional API keys: with none configured, the API is open."""
 
@@ -85,6 +94,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    thumbnails: ThumbnailSettings = Field(default_factory=ThumbnailSettings)
 
     @field_validator("redis_url")
     @classmethod

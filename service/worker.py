@@ -51,6 +51,7 @@ from service.jobs import ItemUpdate, JobStore
 from service.media import DecodedVideo, MediaError, VideoInfo
 from service.queue import IngestQueue, Message
 from service.settings import IngestSettings, Settings, WorkerSettings
+from service.thumbnails import ThumbnailWriter
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ class Worker:
         self._busy = threading.Lock()  # held while a batch is in flight
         self._claim_every = max(0.05, min(self.cfg.claim_idle_ms / 2000, 30.0))
         self._next_claim = 0.0
+        self.thumbnails = ThumbnailWriter(settings)  # previews for the search page
 
     # ---- loop ---------------------------------------------------------------------------
 
@@ -406,6 +408,7 @@ class Worker:
             segments = None
             if isinstance(w.content, DecodedVideo) and not self.model.is_set_model:
                 segments = w.content.spans  # one vector per segment
+            self.thumbnails.save(w.item_id, w.content)
             metadata = w.msg.item.get("metadata") or {}
             records.setdefault(modality, []).append(
                 Record(w.item_id, vecs, dict(metadata), w.digest, segments)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Request, status
 
 from service import metrics
 from service.deps import ReadAccess, ReadyState, WriteAccess
+from service.routes.thumbnails import thumbnail_store
 from service.schemas import DeleteResponse, ItemResponse, Segment, error_responses
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,13 @@ def get_item(item_id: str, state: ReadyState) -> ItemResponse:
     dependencies=[WriteAccess],
     responses=error_responses({404: "unknown item", 503: "not ready"}),
 )
-async def delete_item(item_id: str, state: ReadyState) -> DeleteResponse:
+async def delete_item(item_id: str, request: Request, state: ReadyState) -> DeleteResponse:
     """Remove an item from the index (every modality holding its id)."""
     holders = [m for m, g in state.galleries.items() if item_id in g]
     if not holders:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"item {item_id!r} not found")
     await state.run(state.remove_item, item_id, holders)
+    await state.run(thumbnail_store(request, state).delete, item_id)
     metrics.ITEMS_DELETED.inc()
     logger.info("deleted item %s from %s", item_id, ",".join(holders))
     return DeleteResponse(id=item_id, deleted=True, modalities=holders)  # type: ignore[arg-type]
