@@ -504,9 +504,9 @@ def create_app(settings: Settings | None = None, *, model: Any = None) -> FastAP
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
 
-    from service.routes import health, ingest, items, querybank, search
+    from service.routes import health, ingest, items, page, querybank, search, thumbnails
 
-    for module in (search, ingest, items, querybank, health):
+    for module in (search, ingest, items, querybank, health, thumbnails, page):
         app.include_router(module.router)
     return app
 
