@@ -157,10 +157,16 @@ class FileThumbnailStore:
 class RedisThumbnailStore:
     """Previews as one Redis hash per item (Redis mode): ``type`` and ``0``, ``1``, ..."""
 
-    def __init__(self, url: str | None = None, prefix: str = REDIS_PREFIX, client: Any = None):
-        import redis
+    def __init__(
+        self, url: str | None = None, prefix: str = REDIS_PREFIX, client: Any = None
+    ) -> None:
+        if client is None:
+            import redis
 
-        self.redis: Any = client if client is not None else redis.Redis.from_url(url)
+            if url is None:
+                raise ValueError("RedisThumbnailStore needs a url or a client")
+            client = redis.Redis.from_url(url)
+        self.redis: Any = client
         self.prefix = prefix
 
     def put(self, item_id: str, preview: Preview) -> None:

@@ -35,14 +35,16 @@
     return `${res.status} ${res.statusText}`;
   }
 
-  // fetch() with the API key; on 401/403 ask for a key once and retry.
+  // fetch() with the API key; on 401/403 ask for a key (with the server's reason) and retry,
+  // until a key works or the dialog is cancelled.
   async function api(path, options) {
     const opts = Object.assign({}, options || {});
     const send = () => fetch(path, Object.assign({}, opts, { headers: withKey(opts.headers) }));
     let res = await send();
-    if (res.status === 401 || res.status === 403) {
+    while (res.status === 401 || res.status === 403) {
       const key = await askKey(await errorMessage(res));
-      if (key !== null) res = await send();
+      if (key === null) break;
+      res = await send();
     }
     return res;
   }

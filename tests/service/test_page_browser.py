@@ -1,0 +1,437 @@
+"""The search page in a real browser: Debian's chromium, headless, driven by Playwright,
+against a real ``xmodal serve`` process (embedded mode, temp data dir, the shipped model) with
+20 Flickr8k dev photos, their first captions, one real video and a small query bank ingested.
+
+Checks: a caption finds its photo; the QB-Norm switch changes what the service applies; a
+``/?q=...`` URL loads straight to the same results; a picture upload searches; the ingest
+panel indexes a file and reports a corrupt one; labels and focus order; phone width; the key
+dialog when read keys are configured. Screenshots go to ``$XMODAL_ARTIFACTS`` (default
+``/tmp/xmodal-artifacts``); the test prints where.
+
+Skips with the reason when chromium, the playwright package or the data are missing
+(``.ci/run`` installs chromium from Debian's packages).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+N_PHOTOS = 20
+TARGET = 3  # the photo whose second caption we search with
+ARTIFACTS = Path(os.environ.get("XMODAL_ARTIFACTS", "/tmp/xmodal-artifacts"))
+
+
+def _chromium() -> str:
+    for candidate in (os.environ.get("XMODAL_CHROMIUM"), "/usr/bin/chromium"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium; .ci/run does it)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is not installed (dev extra)"
+    )
+    path = _chromium()
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A real ``xmodal serve`` subprocess and an HTTP client on it."""
+
+    def __init__(self, data_dir: Path, log: Path, **env: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_")}
+        full_env.update(
+            XMODAL_INDEX__FSYNC="false",
+            XMODAL_LOG_JSON="true",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            **env,
+        )
+        args = ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args, "--data-dir", str(data_dir)],
+            cwd=REPO,
+            env=full_env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-4000:]
+            try:
+                if self.client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"not ready in {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+    def wait_job(self, job_id: str, timeout: float = 600, **headers: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.client.get(f"/jobs/{job_id}", headers=headers).json()
+            if job["state"] in ("done", "failed"):
+                return dict(job)
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} not done in {timeout}s")
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def photos(flickr_dir: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (flickr_dir / "captions.jsonl").open()]
+    dev = [r for r in rows if r["split"] == "dev"][: N_PHOTOS + 1]
+    for r in dev:
+        r["path"] = flickr_dir / "images" / r["image"]
+    bank = [r["captions"][0] for r in rows if r["split"] == "train"][:200]
+    return [*dev, {"bank": bank}]
+
+
+@pytest.fixture(scope="module")
+def served(
+    browser: Any,
+    photos: list[dict[str, Any]],
+    video_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Server]:
+    """The shipped model serving 20 photos, their first captions, a video and a query bank."""
+    tmp = tmp_path_factory.mktemp("page")
+    server = Server(tmp / "data", tmp / "serve.log")
+    try:
+        server.wait_ready()
+        rows, bank = photos[:N_PHOTOS], photos[-1]["bank"]
+        items: list[dict[str, Any]] = []
+        for r in rows:
+            data = base64.b64encode(r["path"].read_bytes()).decode()
+            meta = {"filename": r["image"]}
+            items.append(
+                {"id": f"img:{r['image']}", "modality": "image", "data": data, "metadata": meta}
+            )
+            items.append({"id": f"txt:{r['image']}", "modality": "text", "text": r["captions"][0]})
+        clip = base64.b64encode((video_dir / "sample_demo_3.mp4").read_bytes()).decode()
+        items.append({"id": "clip", "modality": "video", "data": clip})
+        r = server.client.post("/ingest", json={"items": items})
+        assert r.status_code == 202, r.text
+        job = server.wait_job(r.json()["job_id"])
+        assert job["state"] == "done", job
+        r = server.client.post("/querybank", json={"texts": bank})
+        assert r.status_code == 200, r.text
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def page(browser: Any, served: Server) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=served.url)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def _shot(pg: Any, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    pg.screenshot(path=str(path), full_page=True)
+    with capsys.disabled():
+        print(f"\n[artifact] screenshot: {path}")
+    return path
+
+
+def _wait_results(pg: Any) -> list[str]:
+    pg.wait_for_function(
+        "() => !document.getElementById('results').hasAttribute('aria-busy')"
+        " && /result|No results|failed/.test(document.getElementById('status').textContent)"
+    )
+    return list(pg.eval_on_selector_all("#results > li", "els => els.map(e => e.dataset.id)"))
+
+
+def _loaded_images(pg: Any) -> int:
+    pg.wait_for_function(
+        "() => [...document.querySelectorAll('#results img')].every(i => i.complete)"
+    )
+    return int(
+        pg.eval_on_selector_all("#results img", "els => els.filter(i => i.naturalWidth > 0).length")
+    )
+
+
+# ---- the tests ------------------------------------------------------------------------------
+
+
+def test_typing_a_caption_finds_the_photo(
+    page: Any, photos: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = photos[TARGET]
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.get_by_label("Search text").fill(target["captions"][1])
+    page.keyboard.press("Enter")
+    ids = _wait_results(page)
+    assert f"img:{target['image']}" in ids, (target["captions"][1], ids)
+    assert ids and all(i.startswith(("img:", "clip")) for i in ids)  # default: images, videos
+    card = page.locator(f'#results li[data-id="img:{target["image"]}"]')
+    assert card.locator(".score").inner_text().startswith("score ")
+    assert card.locator(".raw-score").inner_text().startswith("raw ")
+    assert card.locator("img").get_attribute("alt") == target["image"]  # the filename label
+    assert _loaded_images(page) == len(page.locator("#results img").all()) > 0  # thumbnails
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(page.url).query)
+    assert query["q"] == [target["captions"][1]] and query["targets"] == ["image,video"]
+    _shot(page, "search-desktop", capsys)
+
+
+def test_qbnorm_switch(page: Any, photos: list[dict[str, Any]]) -> None:
+    caption = photos[TARGET]["captions"][1]
+    page.goto("/?" + urllib.parse.urlencode({"q": caption, "targets": "image", "qbnorm": "off"}))
+    _wait_results(page)
+    switch = page.get_by_role("switch", name="QB-Norm")
+    assert not switch.is_checked()
+    assert page.locator("#results").get_attribute("data-qbnorm-applied") == "false"
+    raw = page.eval_on_selector_all("#results li", "els => els.map(e => e.dataset.score)")
+    assert "QB-Norm off" in page.locator("#status").inner_text()
+
+    switch.focus()
+    page.keyboard.press("Space")  # keyboard-operable
+    page.wait_for_function(
+        "() => document.getElementById('results').dataset.qbnormApplied === 'true'"
+    )
+    _wait_results(page)
+    assert switch.is_checked() and "qbnorm=on" in page.url
+    assert "QB-Norm applied" in page.locator("#status").inner_text()
+    cards = page.eval_on_selector_all(
+        "#results li", "els => els.map(e => [e.dataset.score, e.dataset.rawScore])"
+    )
+    assert any(float(s) != float(r) for s, r in cards)  # normalised scores differ from raw
+    assert [s for s, _ in cards] != raw
+
+    page.locator("label[for=qbnorm]").click()  # and back off with the mouse
+    page.wait_for_function(
+        "() => document.getElementById('results').dataset.qbnormApplied === 'false'"
+    )
+    assert "qbnorm=off" in page.url
+
+
+def test_url_loads_the_same_results(
+    page: Any, photos: list[dict[str, Any]], served: Server
+) -> None:
+    caption = photos[TARGET]["captions"][1]
+    url = "/?" + urllib.parse.urlencode({"q": caption, "targets": "image"})
+    page.goto(url)
+    ids = _wait_results(page)
+    assert page.get_by_label("Search text").input_value() == caption
+    assert (
+        page.get_by_role("checkbox", name="Images").is_checked()
+        and not page.get_by_role("checkbox", name="Videos").is_checked()
+    )
+    assert ids and all(i.startswith("img:") for i in ids)
+    assert f"img:{photos[TARGET]['image']}" in ids
+    # the same answer the API gives with the page's defaults (20 results, QB-Norm default)
+    api = served.client.post("/search", json={"text": caption, "targets": ["image"], "top_k": 20})
+    assert ids == [h["id"] for h in api.json()["results"]]
+    page.reload()
+    assert _wait_results(page) == ids
+
+    # min_score from the URL: the slider shows it and every result is at or above it
+    page.goto(url + "&min_score=0.25&qbnorm=off")
+    kept = _wait_results(page)
+    assert page.get_by_role("slider", name="Minimum score").input_value() == "0.25"
+    scores = page.eval_on_selector_all("#results li", "els => els.map(e => +e.dataset.score)")
+    assert all(s >= 0.25 for s in scores) and len(kept) < len(ids)
+
+    page.go_back()  # history: back to the earlier search
+    assert _wait_results(page) == ids
+
+
+def test_picture_upload_searches(page: Any, photos: list[dict[str, Any]]) -> None:
+    target = photos[TARGET]
+    page.goto("/?targets=image")
+    page.wait_for_selector("body[data-ready=true]")
+    page.get_by_label("Search with a picture or a video clip").set_input_files(str(target["path"]))
+    ids = _wait_results(page)
+    assert ids[0] == f"img:{target['image']}"  # the photo itself, first
+    assert page.locator("#query-file-name").inner_text() == target["image"]
+    first = page.locator("#results li").first
+    assert float(first.get_attribute("data-raw-score")) > 0.99
+
+    # texts: shown as text (the captions the worker stored)
+    page.get_by_role("checkbox", name="Texts").check()
+    page.get_by_role("checkbox", name="Images").uncheck()
+    page.wait_for_function(
+        "() => document.querySelectorAll('#results li.card-text').length > 0 && [...document"
+        ".querySelectorAll('#results li')].every(l => l.dataset.modality === 'text')"
+    )
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#results blockquote')]"
+        ".every(b => b.textContent !== '…')"
+    )
+    texts = page.eval_on_selector_all("#results blockquote", "els => els.map(e => e.textContent)")
+    captions = {p["captions"][0] for p in photos[:N_PHOTOS]}
+    assert texts and set(texts) <= captions
+
+
+def test_video_card_shows_its_segment(page: Any) -> None:
+    page.goto("/?" + urllib.parse.urlencode({"q": "a short video clip", "targets": "video"}))
+    ids = _wait_results(page)
+    assert ids == ["clip"]
+    card = page.locator('#results li[data-id="clip"]')
+    segment = card.locator(".segment").inner_text()
+    assert "–" in segment  # "0:00–0:04": the matched segment's start–end
+    assert _loaded_images(page) == 1  # its poster frame
+    src = card.locator("img").get_attribute("src")
+    assert src.startswith("/items/clip/thumbnail?at=")
+
+
+def test_ingest_panel(
+    page: Any, photos: list[dict[str, Any]], tmp_path: Path, served: Server
+) -> None:
+    new = photos[N_PHOTOS]  # a dev photo not indexed yet
+    corrupt = tmp_path / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 10)
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.locator("#ingest-panel summary").click()
+    page.get_by_label("Images, videos or .txt files to index").set_input_files(
+        [str(new["path"]), str(corrupt)]
+    )
+    page.get_by_role("button", name="Index files").click()
+    page.wait_for_function(
+        "() => document.getElementById('ingest-status').textContent.startsWith('Done')",
+        timeout=120_000,
+    )
+    status = page.locator("#ingest-status").inner_text()
+    assert status == "Done: 1 of 2 indexed, 1 failed.", status
+    progress = page.locator("#ingest-progress")
+    assert progress.get_attribute("value") == progress.get_attribute("max") == "2"
+    errors = page.locator("#ingest-errors li").all_inner_texts()
+    assert len(errors) == 1 and errors[0].startswith("broken.jpg:")
+    assert served.client.get(f"/items/{new['image']}").status_code == 200
+    assert served.client.get(f"/items/{new['image']}/thumbnail").status_code == 200
+
+
+def test_labels_and_focus_order(page: Any) -> None:
+    page.goto("/")
+    page.wait_for_selector("body[data-ready=true]")
+    for name in ("Search text", "Images", "Videos", "Texts", "Minimum score", "Results"):
+        assert page.get_by_label(name, exact=True).count() >= 1, name
+    assert page.get_by_role("switch", name="QB-Norm").count() == 1
+    assert page.get_by_role("search").count() == 1
+    order = []
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        order.append(
+            page.evaluate(
+                "() => { const a = document.activeElement; return a.id || a.className || a.value; }"
+            )
+        )
+    assert order[:9] == [
+        "skip-link",
+        "q",
+        "search-button",
+        "image",
+        "video",
+        "text",
+        "qbnorm",
+        "min-score-on",
+        "top-k",  # the disabled slider is skipped
+    ], order
+
+
+def test_phone_width(
+    browser: Any, served: Server, photos: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, base_url=served.url, is_mobile=True, has_touch=True
+    )
+    try:
+        pg = context.new_page()
+        pg.goto("/?" + urllib.parse.urlencode({"q": photos[TARGET]["captions"][1]}))
+        ids = _wait_results(pg)
+        assert ids
+        overflow = pg.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"page is {overflow}px wider than the phone"
+        box = pg.locator("#results li").first.bounding_box()
+        assert box is not None and box["width"] < 390 / 2 + 10  # two columns
+        _shot(pg, "search-phone", capsys)
+    finally:
+        context.close()
+
+
+def test_key_dialog_when_reads_need_a_key(browser: Any, tmp_path: Path) -> None:
+    server = Server(
+        tmp_path / "data",
+        tmp_path / "serve.log",
+        XMODAL_MODEL__NAME="tiny-random",
+        XMODAL_AUTH__READ_KEYS='["reader-key"]',
+        XMODAL_AUTH__WRITE_KEYS='["writer-key"]',
+    )
+    context = browser.new_context(base_url=server.url)
+    try:
+        server.wait_ready(120)
+        pg = context.new_page()
+        pg.goto("/?q=a+dog")
+        dialog = pg.get_by_role("dialog", name="API key")
+        dialog.wait_for()
+        assert "needs an API key" in dialog.inner_text()
+        dialog.get_by_label("Key").fill("wrong")
+        dialog.get_by_role("button", name="Use this key").click()
+        pg.wait_for_function(
+            "() => document.getElementById('key-reason').textContent === 'invalid API key'"
+        )
+        dialog.get_by_label("Key").fill("reader-key")
+        dialog.get_by_role("button", name="Use this key").click()
+        _wait_results(pg)
+        assert pg.locator("#status").inner_text().startswith("No results")  # searched, empty
+        assert not dialog.is_visible()
+    finally:
+        context.close()
+        server.stop()
