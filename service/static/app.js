@@ -307,6 +307,7 @@
       "data-modality": hit.modality,
       "data-score": String(hit.score),
       "data-raw-score": String(hit.raw_score),
+      "data-start": hit.start === null || hit.start === undefined ? null : String(hit.start),
     });
     const figure = el("figure");
     if (hit.modality === "text") {

@@ -331,6 +331,63 @@ def test_video_card_shows_its_segment(page: Any) -> None:
     assert src.startswith("/items/clip/thumbnail?at=")
 
 
+def _serve_bytes(route: Any, body: bytes, content_type: str) -> None:
+    """Answer a (range) request the way a media server would, so the video is seekable."""
+    headers = {"Accept-Ranges": "bytes", "Content-Type": content_type}
+    wanted = route.request.headers.get("range", "")
+    if wanted.startswith("bytes="):
+        first, _, last = wanted[6:].partition("-")
+        a, b = int(first or 0), int(last) if last else len(body) - 1
+        headers["Content-Range"] = f"bytes {a}-{b}/{len(body)}"
+        route.fulfill(status=206, body=body[a : b + 1], headers=headers)
+    else:
+        route.fulfill(status=200, body=body, headers=headers)
+
+
+def test_video_with_a_url_plays_from_the_segment_start(
+    page: Any, served: Server, video_dir: Path
+) -> None:
+    """Originals are not kept; an item whose metadata has a ``url`` plays from there."""
+    raw = (video_dir / "sample_demo_9.mp4").read_bytes()
+    item = {
+        "id": "clip-play",
+        "modality": "video",
+        "data": base64.b64encode(raw).decode(),
+        "metadata": {"url": "/media/play.mp4"},
+    }
+    r = served.client.post("/ingest", json={"items": [item]})
+    assert served.wait_job(r.json()["job_id"])["state"] == "done"
+    segments = served.client.get("/items/clip-play").json()["segments"]
+    assert len(segments) >= 2
+    page.route("**/media/play.mp4", lambda route: _serve_bytes(route, raw, "video/mp4"))
+    # search with the poster frame of a later segment that the API matches to that segment,
+    # so the card's start is not 0
+    frame, wanted = b"", None
+    for i, seg in enumerate(segments[1:], start=1):
+        frame = served.client.get(f"/items/clip-play/thumbnail?segment={i}").content
+        files = {"file": ("f.jpg", frame, "image/jpeg")}
+        hits = served.client.post("/search", files=files, data={"targets": "video"}).json()
+        best = next(h for h in hits["results"] if h["id"] == "clip-play")
+        if best["start"] == seg["start"]:
+            wanted = seg["start"]
+            break
+    assert wanted is not None, "no later segment is its own poster's best match"
+    page.goto("/?targets=video")
+    page.wait_for_selector("body[data-ready=true]")
+    page.get_by_label("Search with a picture or a video clip").set_input_files(
+        {"name": "frame.jpg", "mimeType": "image/jpeg", "buffer": frame}
+    )
+    _wait_results(page)
+    card = page.locator('#results li[data-id="clip-play"]')
+    video = card.locator("video")
+    start = float(card.get_attribute("data-start") or "nan")
+    assert start == wanted > 0
+    assert video.get_attribute("src").startswith(f"/media/play.mp4#t={start:g}")
+    video.evaluate("v => new Promise(ok => v.readyState >= 1 ? ok() : v.onloadedmetadata = ok)")
+    assert abs(video.evaluate("v => v.currentTime") - start) < 0.5
+    assert served.client.delete("/items/clip-play").status_code == 200
+
+
 def test_ingest_panel(
     page: Any, photos: list[dict[str, Any]], tmp_path: Path, served: Server
 ) -> None:

@@ -230,3 +230,14 @@ def test_page_and_static_files(tmp_path: Path, model: Any) -> None:
         assert config["auth"] == {"read": False, "write": True}
         assert config["qbnorm_default"] is False and config["max_batch_items"] == 256
         assert "/" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_store_follows_the_mode(tmp_path: Path) -> None:
+    from service.thumbnails import open_thumbnail_store
+
+    embedded = open_thumbnail_store(Settings(data_dir=tmp_path))
+    assert isinstance(embedded, FileThumbnailStore) and embedded.root == tmp_path / "thumbnails"
+    # Redis mode: workers and API replicas share no disk, so previews live in Redis
+    shared = open_thumbnail_store(Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:1/0"))
+    assert isinstance(shared, RedisThumbnailStore)
+    shared.close()
