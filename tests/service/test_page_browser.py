@@ -105,7 +105,9 @@ class Server:
             time.sleep(0.3)
         raise AssertionError(f"not ready in {timeout}s:\n{self.log.read_text()[-4000:]}")
 
-    def wait_job(self, job_id: str, timeout: float = 600, **headers: str) -> dict[str, Any]:
+    def wait_job(
+        self, job_id: str, timeout: float = 600, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.client.get(f"/jobs/{job_id}", headers=headers).json()
@@ -463,7 +465,9 @@ def test_phone_width(
         context.close()
 
 
-def test_key_dialog_when_reads_need_a_key(browser: Any, tmp_path: Path) -> None:
+def test_key_dialog_when_reads_need_a_key(
+    browser: Any, tmp_path: Path, photos: list[dict[str, Any]]
+) -> None:
     server = Server(
         tmp_path / "data",
         tmp_path / "serve.log",
@@ -474,8 +478,22 @@ def test_key_dialog_when_reads_need_a_key(browser: Any, tmp_path: Path) -> None:
     context = browser.new_context(base_url=server.url)
     try:
         server.wait_ready(120)
+        photo = photos[TARGET]
+        item = {
+            "id": "only",
+            "modality": "image",
+            "data": base64.b64encode(photo["path"].read_bytes()).decode(),
+        }
+        r = server.client.post(
+            "/ingest", json={"items": [item]}, headers={"X-API-Key": "writer-key"}
+        )
+        assert r.status_code == 202, r.text
+        assert (
+            server.wait_job(r.json()["job_id"], headers={"X-API-Key": "reader-key"})["state"]
+            == "done"
+        )
         pg = context.new_page()
-        pg.goto("/?q=a+dog")
+        pg.goto("/?q=a+dog&targets=image")
         dialog = pg.get_by_role("dialog", name="API key")
         dialog.wait_for()
         assert "needs an API key" in dialog.inner_text()
@@ -486,9 +504,11 @@ def test_key_dialog_when_reads_need_a_key(browser: Any, tmp_path: Path) -> None:
         )
         dialog.get_by_label("Key").fill("reader-key")
         dialog.get_by_role("button", name="Use this key").click()
-        _wait_results(pg)
-        assert pg.locator("#status").inner_text().startswith("No results")  # searched, empty
+        assert _wait_results(pg) == ["only"]
         assert not dialog.is_visible()
+        # <img src> cannot send the key: the page fetched the thumbnail with it (a blob: URL)
+        assert _loaded_images(pg) == 1
+        assert pg.locator("#results img").get_attribute("src").startswith("blob:")
     finally:
         context.close()
         server.stop()
