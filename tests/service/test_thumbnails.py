@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,44 @@ def test_store_follows_the_mode(tmp_path: Path) -> None:
     shared = open_thumbnail_store(Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:1/0"))
     assert isinstance(shared, RedisThumbnailStore)
     shared.close()
+
+
+@pytest.mark.redis
+def test_redis_mode_worker_and_replica_share_previews(
+    redis_url: str, model: Any, tmp_path: Path
+) -> None:
+    """The worker and the API replica have separate data dirs; the preview reaches the API
+    through Redis."""
+    from service.jobs import RedisJobStore
+    from service.queue import RedisStreamQueue
+    from service.replication import ReplicationPublisher
+    from service.worker import EmbeddedWorker, Worker
+
+    worker_settings = make_settings(tmp_path / "worker", redis_url=redis_url)
+    worker = EmbeddedWorker(
+        Worker(
+            model,
+            RedisStreamQueue(redis_url),
+            RedisJobStore(redis_url),
+            ReplicationPublisher(redis_url),
+            worker_settings,
+            consumer="test-thumbs-worker",
+        )
+    ).start()
+    try:
+        api_settings = make_settings(tmp_path / "api", redis_url=redis_url)
+        with running(api_settings, model) as client:
+            photo = base64.b64encode(image_bytes(3, size=(300, 100), fmt="JPEG")).decode()
+            item = {"id": "shared", "modality": "image", "data": photo}
+            r = client.post("/ingest", json={"items": [item]})
+            assert wait_job(client, r.json()["job_id"])["state"] == "done"
+            deadline = time.monotonic() + 30
+            while (r := client.get("/items/shared/thumbnail")).status_code != 200:
+                assert time.monotonic() < deadline, r.text  # the vector log applies it
+                time.sleep(0.05)
+            assert _jpeg_size(r.content) == (256, 85)
+            assert not (tmp_path / "worker" / "thumbnails").exists()
+            assert client.delete("/items/shared").status_code == 200
+            assert RedisThumbnailStore(redis_url).get("shared") is None
+    finally:
+        worker.stop()
