@@ -7,6 +7,7 @@
   const $ = (id) => document.getElementById(id);
   const KEY_STORAGE = "xmodal-api-key";
   const ID_CHARS = /[^A-Za-z0-9._:@+=-]/g;
+  const DEFAULT_TARGETS = ["image", "video"]; // what a text query looks for by default
 
   const state = {
     config: null,
@@ -105,11 +106,10 @@
   function paramsToForm(params) {
     $("q").value = params.get("q") || "";
     setItem(params.get("item"));
-    const targets = params.getAll("targets").join(",").split(",").filter(Boolean);
-    if (targets.length) {
-      for (const box of document.querySelectorAll('input[name="targets"]')) {
-        box.checked = targets.includes(box.value);
-      }
+    let targets = params.getAll("targets").join(",").split(",").filter(Boolean);
+    if (!targets.length) targets = DEFAULT_TARGETS;
+    for (const box of document.querySelectorAll('input[name="targets"]')) {
+      box.checked = targets.includes(box.value);
     }
     const qb = params.get("qbnorm");
     if (qb !== null) $("qbnorm").checked = ["on", "1", "true", "yes"].includes(qb.toLowerCase());

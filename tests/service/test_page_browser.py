@@ -391,7 +391,11 @@ def test_video_with_a_url_plays_from_the_segment_start(
 
 
 def test_ingest_panel(
-    page: Any, photos: list[dict[str, Any]], tmp_path: Path, served: Server
+    page: Any,
+    photos: list[dict[str, Any]],
+    tmp_path: Path,
+    served: Server,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     new = photos[N_PHOTOS]  # a dev photo not indexed yet
     corrupt = tmp_path / "broken.jpg"
@@ -413,6 +417,7 @@ def test_ingest_panel(
     assert progress.get_attribute("value") == progress.get_attribute("max") == "2"
     errors = page.locator("#ingest-errors li").all_inner_texts()
     assert len(errors) == 1 and errors[0].startswith("broken.jpg:")
+    _shot(page, "ingest-panel", capsys)
     assert served.client.get(f"/items/{new['image']}").status_code == 200
     assert served.client.get(f"/items/{new['image']}/thumbnail").status_code == 200
 
