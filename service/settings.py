@@ -31,6 +31,10 @@ class ModelSettings(BaseModel):
     query_batch_wait_ms: float = Field(5.0, ge=0)  # how long a query waits for batch-mates
     threads: int = Field(4, ge=1)  # thread pool for blocking model / FAISS work
     max_pending_queries: int = Field(256, ge=1)  # queries waiting to encode; beyond: 429
+    # Inference engine on the CPU: "onnx" (ONNX Runtime, exported once per weights and cached)
+    # or "eager" (PyTorch). A model on a GPU always runs eager.
+    runtime: Literal["onnx", "eager"] = "onnx"
+    onnx_cache_dir: Path | None = None  # None = $XDG_CACHE_HOME/xmodal/onnx (~/.cache/...)
 
 
 class IngestSettings(BaseModel):
