@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -39,6 +39,15 @@ from models.similarity import cosine, smooth_chamfer
 logger = logging.getLogger(__name__)
 
 __all__ = ["BACKBONE_PREFIXES", "MaskedPool", "Projection", "SetHead", "XModal"]
+
+class EncoderRuntime(Protocol):
+    """A faster inference engine for the full encoders (`models.runtime`): same inputs and
+    outputs as `XModal.encode_image` / `encode_text` with normalisation, CPU tensors."""
+
+    def encode_image(self, pixels: Tensor) -> Tensor: ...
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
 
 # State-dict prefixes of the backbones; everything else is the (trained) head.
 BACKBONE_PREFIXES = ("image_backbone.", "text_backbone.")
@@ -172,6 +181,8 @@ class XModal(nn.Module):
         self.is_set_model = head.pooling == "set"
         self.num_vectors = head.num_slots if self.is_set_model else 1
         self.checkpoint_extra: dict[str, Any] = {}  # extras of the checkpoint it came from
+        # Serving engine for embed_* (models.runtime.enable_onnx); None = eager PyTorch.
+        self.runtime: EncoderRuntime | None = None
         d = config.embed_dim
         d_hidden = head.mlp_hidden or d // 2
 
@@ -324,6 +335,20 @@ class XModal(nn.Module):
         shape = (0, self.num_vectors, self.embed_dim) if self.is_set_model else (0, self.embed_dim)
         return np.zeros(shape, dtype=np.float32)
 
+    def _fast(self) -> EncoderRuntime | None:
+        # The runtime serves CPU inference only; a model moved to a GPU encodes eagerly.
+        return self.runtime if self.device.type == "cpu" else None
+
+    def _infer_image(self, pixels: Tensor) -> Tensor:
+        fast = self._fast()
+        return fast.encode_image(pixels) if fast is not None else self.encode_image(pixels)
+
+    def _infer_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        fast = self._fast()
+        if fast is not None:
+            return fast.encode_text(input_ids, attention_mask)
+        return self.encode_text(input_ids, attention_mask)
+
     @staticmethod
     def _numpy(x: Tensor) -> np.ndarray:
         return np.ascontiguousarray(x.detach().float().cpu().numpy())
@@ -337,7 +362,7 @@ class XModal(nn.Module):
         with _eval_mode(self):
             for i in range(0, len(images), batch_size):
                 out.append(
-                    self._numpy(self.encode_image(self.preprocess(images[i : i + batch_size])))
+                    self._numpy(self._infer_image(self.preprocess(images[i : i + batch_size])))
                 )
         return np.concatenate(out)
 
@@ -356,7 +381,7 @@ class XModal(nn.Module):
                 idx = order[i : i + batch_size]
                 batch = self.tokenize([texts[j] for j in idx])
                 out[idx] = self._numpy(
-                    self.encode_text(batch["input_ids"], batch["attention_mask"])
+                    self._infer_text(batch["input_ids"], batch["attention_mask"])
                 )
         return out
 
@@ -375,10 +400,11 @@ class XModal(nn.Module):
         with _eval_mode(self):
             per_frame = torch.cat(
                 [
-                    self.encode_image(self.preprocess(frames[i : i + batch_size]))
+                    self._infer_image(self.preprocess(frames[i : i + batch_size]))
                     for i in range(0, len(frames), batch_size)
                 ]
             )  # [T, D] or [T, K, D]
+            per_frame = per_frame.to(self.device, self.dtype)
             lengths = torch.tensor([len(frames)], device=per_frame.device)
             return self._numpy(self.pool_frames(per_frame.unsqueeze(0), lengths))
 

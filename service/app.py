@@ -160,14 +160,10 @@ def build_state(state: ServiceState, model: Any = None) -> None:
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     if model is None:
-        from models import create_model
-        from models.device import resolve_device
+        from service.loading import load_serving_model
 
-        # None = the GPU when there is one (settings.model.device), else the CPU
-        device = resolve_device(settings.model.device)
-        model = create_model(
-            settings.model.name, checkpoint=settings.model.checkpoint, device=device
-        )
+        # the GPU when there is one (settings.model.device), else the CPU with ONNX Runtime
+        model = load_serving_model(settings.model)
     if hasattr(model, "eval"):
         model.eval()
     state.model = model

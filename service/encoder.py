@@ -1,9 +1,10 @@
 """The query encoder: micro-batches concurrent queries and keeps the model off the event loop.
 
 Each search awaits ``encode_text`` / ``encode_image``; a per-kind collector task gathers the
-queries that arrive within ``wait_ms`` (up to ``max_batch``), runs one model call for all of
-them on the thread pool, and hands every caller its own row. Under load this turns N model
-calls into N / batch; when idle a query waits at most ``wait_ms``. When more than
+queries that queued while the previous call ran (plus those arriving within ``wait_ms``, 0 by
+default), up to ``max_batch``, runs one model call for all of them on the thread pool, and
+hands every caller its own row. Under load this turns N model calls into N / batch; an idle
+service encodes a query at once. When more than
 ``max_pending`` queries are waiting, new ones are refused with :class:`Overloaded` (HTTP 429)
 instead of queueing without bound.
 """
@@ -105,8 +106,12 @@ class MicroBatcher(Generic[T]):
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
+            # Take whatever is already waiting (it queued while the last batch encoded), and
+            # wait for more only when wait_ms > 0: an idle service encodes at once.
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             deadline = loop.time() + self.wait_s
-            while len(batch) < self.max_batch:
+            while self.wait_s > 0 and len(batch) < self.max_batch:
                 timeout = deadline - loop.time()
                 if timeout <= 0 and self._queue.empty():
                     break
@@ -172,7 +177,7 @@ class QueryEncoder:
         model: Any,
         executor: Executor,
         max_batch: int = 32,
-        wait_ms: float = 5.0,
+        wait_ms: float = 0.0,
         max_pending: int = 256,
     ) -> None:
         self.model = model

@@ -28,9 +28,15 @@ class ModelSettings(BaseModel):
     checkpoint: Path | None = None  # a local .safetensors checkpoint; its config wins over name
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None = cuda when available, else cpu
     query_batch_size: int = Field(32, ge=1)  # micro-batch cap for concurrent text queries
-    query_batch_wait_ms: float = Field(5.0, ge=0)  # how long a query waits for batch-mates
+    # extra wait for batch-mates; 0 = none: queries that queue while one batch encodes form
+    # the next batch, so batching costs an idle service no latency
+    query_batch_wait_ms: float = Field(0.0, ge=0)
     threads: int = Field(4, ge=1)  # thread pool for blocking model / FAISS work
     max_pending_queries: int = Field(256, ge=1)  # queries waiting to encode; beyond: 429
+    # Inference engine on the CPU: "onnx" (ONNX Runtime, exported once per weights and cached)
+    # or "eager" (PyTorch). A model on a GPU always runs eager.
+    runtime: Literal["onnx", "eager"] = "onnx"
+    onnx_cache_dir: Path | None = None  # None = $XDG_CACHE_HOME/xmodal/onnx (~/.cache/...)
 
 
 class IngestSettings(BaseModel):

@@ -83,17 +83,12 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def build(args: argparse.Namespace) -> int:
     from index.querybank import open_querybank_store
-    from models import create_model
-    from models.device import resolve_device
     from service.app import QUERYBANK_DIRECTION
+    from service.loading import load_serving_model
 
     settings = _settings(args)
     texts = read_captions(args.data, args.split, args.limit)
-    model = create_model(
-        settings.model.name,
-        checkpoint=settings.model.checkpoint,
-        device=resolve_device(settings.model.device),
-    )
+    model = load_serving_model(settings.model)
     logger.info("encoding %d %s captions with %s", len(texts), args.split, model.name)
     t0 = time.perf_counter()
     parts = [

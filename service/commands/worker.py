@@ -109,9 +109,9 @@ def build_worker(settings: Any) -> Any:
     """Model, queue, job store and vector-log publisher for a Redis-mode worker."""
     import torch
 
-    from models import create_model
     from models.device import resolve_device
     from service.jobs import RedisJobStore
+    from service.loading import load_serving_model
     from service.queue import RedisStreamQueue
     from service.replication import ReplicationPublisher
     from service.worker import Worker
@@ -123,8 +123,7 @@ def build_worker(settings: Any) -> Any:
     device = resolve_device(settings.model.device)  # None: the GPU when present, else CPU
     if device.type == "cpu":
         torch.set_num_threads(max(1, settings.model.threads))
-    model = create_model(settings.model.name, checkpoint=settings.model.checkpoint, device=device)
-    model.eval()
+    model = load_serving_model(settings.model, device=str(device))
     if settings.worker.metrics_port:
         from prometheus_client import start_http_server
 

@@ -64,6 +64,31 @@ def test_concurrent_texts_share_model_calls(model: Any) -> None:
     np.testing.assert_allclose(np.stack(out), expected, atol=1e-5)
 
 
+def test_without_a_wait_queries_that_queue_during_a_call_form_the_next_batch(model: Any) -> None:
+    """wait_ms=0 (the default): the first query is encoded at once, alone; the ones that queue
+    while it encodes share the next call instead of waiting for a window."""
+    gate = threading.Event()
+    counting = _Counting(model, gate)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            enc = QueryEncoder(counting, pool, max_batch=32, wait_ms=0)
+            enc.start()
+            try:
+                first = asyncio.ensure_future(enc.encode_text("first"))
+                await asyncio.sleep(0.1)  # the collector dispatched it and waits on the gate
+                rest = [asyncio.ensure_future(enc.encode_text(f"q{i}")) for i in range(9)]
+                await asyncio.sleep(0.05)
+                gate.set()
+                await asyncio.gather(first, *rest)
+            finally:
+                gate.set()
+                await enc.stop()
+
+    asyncio.run(main())
+    assert counting.batches == [1, 9]
+
+
 def test_batch_cap_and_overload_and_errors(model: Any) -> None:
     gate = threading.Event()
     counting = _Counting(model, gate)

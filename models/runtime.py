@@ -1,0 +1,171 @@
+"""The fast CPU inference path: a model's encoders exported to ONNX Runtime.
+
+    pixels [B,3,H,W]          -> image.onnx -> [B,D] or [B,K,D]  (trunk, tuned blocks, heads)
+    input_ids, mask [B,L]     -> text.onnx  -> [B,D] or [B,K,D]  (tokens, tuned layers, heads)
+
+The graphs are exported from the eager model the first time a set of weights is served and
+cached under ``cache_dir/<model name>-<weights hash>/``; the hash covers the config and every
+tensor of the state dict, so new weights never meet an old graph. Eager PyTorch stays the
+training path (autograd), the GPU path and the fallback when onnxruntime is absent or an export
+fails. Outputs match eager within float32 rounding (tests/models/test_runtime.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from models.model import XModal
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FORMAT_VERSION", "OnnxRuntimeEncoder", "enable_onnx", "weights_hash"]
+
+# Bump when the exported graphs change meaning (inputs, outputs, opset): old caches are ignored.
+FORMAT_VERSION = 1
+OPSET = 17
+
+
+def weights_hash(model: XModal) -> str:
+    """sha256 over the architecture config and every state-dict tensor (name, dtype, shape,
+    bytes): the cache key of the exported graphs."""
+    h = hashlib.sha256()
+    h.update(f"xmodal-onnx-v{FORMAT_VERSION}".encode())
+    h.update(model.config.model_dump_json().encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class _ImageGraph(nn.Module):
+    def __init__(self, model: XModal) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.model.encode_image(pixels, normalize=True)
+
+
+class _TextGraph(nn.Module):
+    def __init__(self, model: XModal) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model.encode_text(input_ids, attention_mask, normalize=True)
+
+
+def _export(module: nn.Module, args: tuple[Tensor, ...], names: list[str], path: Path) -> None:
+    """Export to a temporary file beside ``path`` and rename it into place (atomic: a crash
+    mid-export never leaves a half graph that a later start would load)."""
+    axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names}
+    if "input_ids" in names:
+        axes = {n: {0: "batch", 1: "tokens"} for n in names}
+    axes["embedding"] = {0: "batch"}
+    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.onnx.export(
+            module,
+            args,
+            tmp,
+            input_names=names,
+            output_names=["embedding"],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class OnnxRuntimeEncoder:
+    """ONNX Runtime sessions for one model's image and text encoders (thread-safe: sessions
+    may be run from several threads at once).
+
+    Args:
+        model: the eager model (CPU, eval mode); its weights are exported once and cached.
+        cache_dir: where exported graphs live, one folder per weights hash.
+        threads: intra-op threads of each session (default: torch's CPU thread count).
+    """
+
+    def __init__(self, model: XModal, cache_dir: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(cache_dir) / f"{model.name}-{weights_hash(model)[:16]}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        image_path, text_path = self.folder / "image.onnx", self.folder / "text.onnx"
+        self._export_if_missing(model, image_path, text_path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        self.image = ort.InferenceSession(str(image_path), options, providers=providers)
+        self.text = ort.InferenceSession(str(text_path), options, providers=providers)
+
+    @staticmethod
+    def _export_if_missing(model: XModal, image_path: Path, text_path: Path) -> None:
+        if image_path.is_file() and text_path.is_file():
+            logger.info("onnx graphs found in %s", image_path.parent)
+            return
+        size = model.config.image.image_size
+        tokens = model.tokenize(["a dog runs on the beach", "two people"])
+        with torch.no_grad(), _export_lock:
+            if not image_path.is_file():
+                pixels = torch.zeros(2, 3, size, size)
+                _export(_ImageGraph(model), (pixels,), ["pixels"], image_path)
+            if not text_path.is_file():
+                ids, mask = tokens["input_ids"], tokens["attention_mask"]
+                _export(_TextGraph(model), (ids, mask), ["input_ids", "attention_mask"], text_path)
+        meta = {"model": model.name, "format": FORMAT_VERSION, "opset": OPSET}
+        (image_path.parent / "meta.json").write_text(json.dumps(meta))
+        logger.info("exported onnx graphs of %s to %s", model.name, image_path.parent)
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """Pixels `[B,3,H,W]` -> unit embeddings `[B,D]` / `[B,K,D]` (CPU float32)."""
+        x = np.ascontiguousarray(pixels.detach().cpu().float().numpy())
+        return torch.from_numpy(self.image.run(None, {"pixels": x})[0])
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids and mask `[B,L]` -> unit embeddings `[B,D]` / `[B,K,D]`."""
+        feeds: dict[str, Any] = {
+            "input_ids": input_ids.detach().cpu().long().numpy(),
+            "attention_mask": attention_mask.detach().cpu().long().numpy(),
+        }
+        return torch.from_numpy(self.text.run(None, feeds)[0])
+
+
+_export_lock = threading.Lock()
+
+
+def enable_onnx(model: XModal, cache_dir: Path, threads: int | None = None) -> bool:
+    """Serve ``model``'s encoders through ONNX Runtime (``model.runtime``); keep eager on a
+    GPU, without onnxruntime, or when the export fails (logged). Returns whether it is on."""
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        logger.info("onnx fast path off: the model runs on %s/%s", model.device, model.dtype)
+        return False
+    try:
+        model.runtime = OnnxRuntimeEncoder(model.eval(), cache_dir, threads)
+    except ImportError:
+        logger.warning("onnxruntime is not installed: encoding with eager PyTorch")
+        return False
+    except Exception:
+        logger.exception("onnx export failed: encoding with eager PyTorch")
+        return False
+    return True

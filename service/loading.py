@@ -1,0 +1,36 @@
+"""The one place the service turns settings into a serving model: device, weights, engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from models import XModal, create_model
+from models.device import resolve_device
+from models.runtime import enable_onnx
+from service.settings import ModelSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["default_onnx_cache", "load_serving_model"]
+
+
+def default_onnx_cache() -> Path:
+    """``$XDG_CACHE_HOME/xmodal/onnx``, else ``~/.cache/xmodal/onnx``: shared by every data
+    dir, since the graphs are keyed by the weights they were exported from."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "xmodal" / "onnx"
+
+
+def load_serving_model(settings: ModelSettings, *, device: str | None = None) -> XModal:
+    """Build the configured model in eval mode on its device (``settings.device``, or ``device``
+    when given; None = the GPU when present, else the CPU), with the ONNX Runtime engine on
+    the CPU when ``settings.runtime == "onnx"`` (eager is the fallback)."""
+    target = resolve_device(device if device is not None else settings.device)
+    model = create_model(settings.name, checkpoint=settings.checkpoint, device=target).eval()
+    if settings.runtime == "onnx" and target.type == "cpu":
+        cache = settings.onnx_cache_dir or default_onnx_cache()
+        on = enable_onnx(model, cache)
+        logger.info("model %s: %s engine", model.name, "onnx" if on else "eager")
+    return model

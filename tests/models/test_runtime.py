@@ -1,0 +1,105 @@
+"""The ONNX Runtime engine encodes what eager PyTorch encodes, and caches by weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import create_model, get_model_config
+from models.model import XModal
+from models.runtime import OnnxRuntimeEncoder, enable_onnx, weights_hash
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the eager path runs)")
+
+REL_TOL = 1e-3  # issue 12: outputs match eager within 1e-3 relative
+
+
+def _max_rel(fast: np.ndarray, eager: np.ndarray) -> float:
+    return float(np.abs(fast - eager).max() / np.abs(eager).max())
+
+
+def _tiny(pooling: str = "gpo") -> XModal:
+    cfg = get_model_config("tiny-random")
+    if pooling == "set":
+        cfg = get_model_config("tiny-random").model_copy(
+            update={
+                "head": cfg.head.model_copy(update={"pooling": "set"}),
+                "similarity": cfg.similarity.model_copy(update={"kind": "smooth_chamfer"}),
+            }
+        )
+    return XModal(cfg, pretrained=False).eval()
+
+
+def _images(n: int, size: int = 80) -> list:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 255, (size, size + 7 * i, 3), dtype=np.uint8))
+        for i in range(n)
+    ]
+
+
+TEXTS = ["a dog", "two children play football on a wide green field", "x", "a red car"]
+
+
+@pytest.mark.parametrize("pooling", ["gpo", "set"])
+def test_tiny_model_matches_eager_at_other_batch_and_lengths(tmp_path: Path, pooling: str) -> None:
+    model = _tiny(pooling)
+    images = _images(5)
+    eager_img, eager_txt = model.embed_images(images), model.embed_texts(TEXTS)
+    assert enable_onnx(model, tmp_path)
+    assert model.runtime is not None
+    # other batch sizes and token lengths than the export's (dynamic axes)
+    fast_img, fast_txt = model.embed_images(images, batch_size=3), model.embed_texts(TEXTS)
+    assert fast_img.shape == eager_img.shape and fast_txt.shape == eager_txt.shape
+    assert _max_rel(fast_img, eager_img) < REL_TOL
+    assert _max_rel(fast_txt, eager_txt) < REL_TOL
+
+
+def test_graphs_are_cached_by_weights(tmp_path: Path) -> None:
+    model = _tiny()
+    first = OnnxRuntimeEncoder(model, tmp_path)
+    stamp = (first.folder / "image.onnx").stat().st_mtime_ns
+    again = OnnxRuntimeEncoder(model, tmp_path)  # same weights: the cached graphs load
+    assert again.folder == first.folder
+    assert (again.folder / "image.onnx").stat().st_mtime_ns == stamp
+    assert json.loads((first.folder / "meta.json").read_text())["model"] == "tiny-random"
+
+    before = weights_hash(model)
+    with torch.no_grad():
+        model.image_proj.fc.weight.add_(0.01)  # new weights: a new key, a new export
+    assert weights_hash(model) != before
+    changed = OnnxRuntimeEncoder(model, tmp_path)
+    assert changed.folder != first.folder
+    x = model.preprocess(_images(2))
+    eager = model.encode_image(x).detach().numpy()
+    assert _max_rel(changed.encode_image(x).numpy(), eager) < REL_TOL
+
+
+def test_a_model_on_another_device_or_dtype_stays_eager(tmp_path: Path) -> None:
+    model = _tiny().to(torch.float64)
+    assert not enable_onnx(model, tmp_path)
+    assert model.runtime is None
+
+
+def test_shipped_model_matches_eager_on_real_photos_and_captions(
+    tmp_path: Path, flickr_dir: Path
+) -> None:
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (flickr_dir / "captions.jsonl").open()][:8]
+    images = [Image.open(flickr_dir / "images" / r["image"]).convert("RGB") for r in rows]
+    captions = [c for r in rows for c in r["captions"][:2]]
+    model = create_model(device="cpu")
+    eager_img, eager_txt = model.embed_images(images), model.embed_texts(captions)
+    assert enable_onnx(model, tmp_path)
+    fast_img, fast_txt = model.embed_images(images), model.embed_texts(captions)
+    assert _max_rel(fast_img, eager_img) < REL_TOL
+    assert _max_rel(fast_txt, eager_txt) < REL_TOL
+    # and it ranks the same: each photo's nearest caption is unchanged
+    assert ((fast_img @ fast_txt.T).argmax(1) == (eager_img @ eager_txt.T).argmax(1)).all()
