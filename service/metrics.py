@@ -12,8 +12,16 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.core import Metric
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +125,49 @@ REPLICA_GAP = Gauge(
     "xmodal_replica_log_gap",
     "1 when vector-log entries this replica needed were trimmed away (its index is wrong).",
 )
+
+
+# What only an API replica knows; ``xmodal worker``'s /metrics leaves them out, so a worker
+# does not export a constant ``xmodal_ready 0`` or ``xmodal_redis_up 0`` that alerts would read.
+API_ONLY: tuple[Any, ...] = (
+    READY,
+    REDIS_UP,
+    WORKERS_LIVE,
+    REPLICA_LAG,
+    REPLICA_GAP,
+    QUEUE_LAG,
+    INDEX_ITEMS,
+    INDEX_VERSION,
+    QUERYBANK_QUERIES,
+    QUERYBANK_VERSION,
+    ITEMS_DELETED,
+)
+
+
+class _WorkerCollector:
+    """The process registry without :data:`API_ONLY` (collected afresh at each scrape)."""
+
+    def __init__(self) -> None:
+        self.skip = {m.describe()[0].name for m in API_ONLY}
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in REGISTRY.collect():
+            if metric.name not in self.skip:
+                yield metric
+
+
+def worker_registry() -> CollectorRegistry:
+    """The registry ``xmodal worker`` serves: everything but the API-only series."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_WorkerCollector())  # type: ignore[arg-type]
+    return registry
+
+
+def start_worker_server(port: int) -> None:
+    """Serve :func:`worker_registry` on ``port`` (``xmodal worker``'s /metrics)."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, registry=worker_registry())
 
 
 def observe_encode(kind: str, items: int, seconds: float) -> None:

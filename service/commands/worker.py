@@ -130,9 +130,9 @@ def build_worker(settings: Any) -> Any:
     model = create_model(settings.model.name, checkpoint=settings.model.checkpoint, device=device)
     model.eval()
     if settings.worker.metrics_port:
-        from prometheus_client import start_http_server
+        from service.metrics import start_worker_server
 
-        start_http_server(settings.worker.metrics_port)
+        start_worker_server(settings.worker.metrics_port)
     logger.info(
         "worker %s: model %s on %s, batch %d, queue %s",
         settings.worker.consumer,
