@@ -12,8 +12,16 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.core import Metric
 
 logger = logging.getLogger(__name__)
 
@@ -92,26 +100,81 @@ ENCODE_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 ENCODED_ITEMS = Counter("xmodal_encoded_items_total", "Items run through the model.", ["kind"])
-ENCODE_THROUGHPUT = Gauge(
-    "xmodal_encode_throughput_items_per_second",
-    "Items per second of the most recent encoded batch.",
-    ["kind"],
+QUEUE_LAG = Gauge(
+    "xmodal_ingest_queue_lag_seconds",
+    "Age of the oldest ingest message not yet acked (0 when the queue is empty).",
 )
 
 # --- index and querybank -----------------------------------------------------------------------
-INDEX_SIZE = Gauge("xmodal_index_size", "Items in the index per modality.", ["modality"])
+INDEX_ITEMS = Gauge("xmodal_index_items", "Items in the index per modality.", ["modality"])
 INDEX_VERSION = Gauge("xmodal_index_version", "Index version per modality.", ["modality"])
-QUERYBANK_SIZE = Gauge("xmodal_querybank_size", "Queries in the querybank.", ["direction"])
+QUERYBANK_QUERIES = Gauge("xmodal_querybank_queries", "Queries in the querybank.", ["direction"])
 QUERYBANK_VERSION = Gauge("xmodal_querybank_version", "Querybank version.", ["direction"])
 READY = Gauge("xmodal_ready", "1 when the service is ready to serve.")
 
+# --- distributed mode (Redis), refreshed by the API at scrape time -----------------------------
+REDIS_UP = Gauge("xmodal_redis_up", "1 when this process reached Redis at the last scrape.")
+WORKERS_LIVE = Gauge(
+    "xmodal_workers_live", "Ingest workers with a live heartbeat in Redis (service.heartbeat)."
+)
+REPLICA_LAG = Gauge(
+    "xmodal_replica_log_lag_seconds",
+    "Age of the oldest vector-log entry this replica has not applied (0 = caught up).",
+)
+REPLICA_GAP = Gauge(
+    "xmodal_replica_log_gap",
+    "1 when vector-log entries this replica needed were trimmed away (its index is wrong).",
+)
+
+
+# What only an API replica knows; ``xmodal worker``'s /metrics leaves them out, so a worker
+# does not export a constant ``xmodal_ready 0`` or ``xmodal_redis_up 0`` that alerts would read.
+API_ONLY: tuple[Any, ...] = (
+    READY,
+    REDIS_UP,
+    WORKERS_LIVE,
+    REPLICA_LAG,
+    REPLICA_GAP,
+    QUEUE_LAG,
+    INDEX_ITEMS,
+    INDEX_VERSION,
+    QUERYBANK_QUERIES,
+    QUERYBANK_VERSION,
+    ITEMS_DELETED,
+)
+
+
+class _WorkerCollector:
+    """The process registry without :data:`API_ONLY` (collected afresh at each scrape)."""
+
+    def __init__(self) -> None:
+        self.skip = {m.describe()[0].name for m in API_ONLY}
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in REGISTRY.collect():
+            if metric.name not in self.skip:
+                yield metric
+
+
+def worker_registry() -> CollectorRegistry:
+    """The registry ``xmodal worker`` serves: everything but the API-only series."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_WorkerCollector())  # type: ignore[arg-type]
+    return registry
+
+
+def start_worker_server(port: int) -> None:
+    """Serve :func:`worker_registry` on ``port`` (``xmodal worker``'s /metrics)."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, registry=worker_registry())
+
 
 def observe_encode(kind: str, items: int, seconds: float) -> None:
-    """Record one model call: its duration, its item count and the resulting throughput."""
+    """Record one model call: its duration and its item count (throughput is
+    ``rate(xmodal_encoded_items_total)``, computed by Prometheus from the counter)."""
     ENCODE_SECONDS.labels(kind).observe(seconds)
     ENCODED_ITEMS.labels(kind).inc(items)
-    if seconds > 0:
-        ENCODE_THROUGHPUT.labels(kind).set(items / seconds)
 
 
 def refresh(
@@ -122,19 +185,20 @@ def refresh(
     """Set the state gauges from the live objects (called at scrape time).
 
     ``galleries`` maps modality -> Gallery, ``querybank`` maps direction -> (size, version),
-    ``queue_stats`` may hold ``depth``, ``pending`` and ``dead_letters``.
+    ``queue_stats`` may hold ``depth``, ``pending``, ``dead_letters`` and ``lag_seconds``.
     """
     for modality, gallery in galleries.items():
-        INDEX_SIZE.labels(modality).set(len(gallery))
+        INDEX_ITEMS.labels(modality).set(len(gallery))
         INDEX_VERSION.labels(modality).set(getattr(gallery, "version", 0))
     for direction, (size, version) in (querybank or {}).items():
-        QUERYBANK_SIZE.labels(direction).set(size)
+        QUERYBANK_QUERIES.labels(direction).set(size)
         QUERYBANK_VERSION.labels(direction).set(version)
     stats = queue_stats or {}
     gauges: Iterable[tuple[str, Gauge]] = (
         ("depth", QUEUE_DEPTH),
         ("pending", QUEUE_PENDING),
         ("dead_letters", DEAD_LETTERS),
+        ("lag_seconds", QUEUE_LAG),
     )
     for key, gauge in gauges:
         value = stats.get(key)

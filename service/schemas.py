@@ -196,6 +196,12 @@ class JobResponse(BaseModel):
     job_id: str
     state: JobState
     items: list[JobItem]
+    live_workers: int | None = Field(
+        None, description="ingest workers alive now (Redis mode); null when embedded"
+    )
+    detail: str | None = Field(
+        None, description="why the job is not progressing, e.g. no live worker"
+    )
 
 
 # --- items -------------------------------------------------------------------------------------
@@ -263,6 +269,9 @@ class ReadyResponse(BaseModel):
     ready: bool
     checks: dict[str, bool]
     detail: str | None = None
+    workers: list[str] | None = Field(
+        None, description="live ingest workers (Redis mode, by heartbeat); null when embedded"
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -63,6 +63,8 @@ class WorkerSettings(BaseModel):
     consumer: str = Field(default_factory=socket.gethostname)  # consumer name in the group
     embedded: bool = True  # serve runs an in-process worker when no Redis URL is set
     metrics_port: int = Field(9100, ge=0, le=65535)  # `xmodal worker` serves /metrics here; 0 = off
+    heartbeat_interval_s: float = Field(5.0, gt=0)  # Redis heartbeat (service.heartbeat) period
+    heartbeat_ttl_s: float = Field(15.0, gt=0)  # a worker silent this long is not live
 
 
 class ThumbnailSettings(BaseModel):

@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_level, settings.log_json)
     worker = build_worker(settings)
+    from service.heartbeat import start_worker_heartbeat
+
+    heartbeat = start_worker_heartbeat(settings, worker)  # /readyz and /jobs see it live
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if worker.stopping:
@@ -95,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         worker.run()
     finally:
+        heartbeat.stop()
         for closable in (worker.queue, worker.jobs, worker.sink):
             close = getattr(closable, "close", None)
             if close is not None:
@@ -125,9 +129,9 @@ def build_worker(settings: Any) -> Any:
         torch.set_num_threads(max(1, settings.model.threads))
     model = load_serving_model(settings.model, device=str(device))
     if settings.worker.metrics_port:
-        from prometheus_client import start_http_server
+        from service.metrics import start_worker_server
 
-        start_http_server(settings.worker.metrics_port)
+        start_worker_server(settings.worker.metrics_port)
     logger.info(
         "worker %s: model %s on %s, batch %d, queue %s",
         settings.worker.consumer,

@@ -6,7 +6,7 @@ import logging
 
 from fastapi import APIRouter, Response, status
 
-from service import metrics
+from service import metrics, monitoring
 from service.app import QUERYBANK_DIRECTION, ServiceState
 from service.deps import State
 from service.schemas import HealthResponse, ReadyResponse
@@ -39,7 +39,8 @@ def readiness(state: ServiceState) -> ReadyResponse:
         if state.replica is not None:
             checks["replication"] = not getattr(state.replica, "gap", False)
     ready = state.ready and all(checks.values())
-    return ReadyResponse(ready=ready, checks=checks, detail=state.error)
+    workers = monitoring.live_worker_names(state)  # None in embedded mode
+    return ReadyResponse(ready=ready, checks=checks, detail=state.error, workers=workers)
 
 
 @router.get(
@@ -70,6 +71,7 @@ def prometheus_metrics(state: State) -> Response:
             querybank=metrics.safe(lambda: querybank_stats(state), "querybank") or {},
             queue_stats=metrics.safe(lambda: queue_stats(state), "queue") or {},
         )
+    metrics.safe(lambda: monitoring.refresh_distributed(state), "redis")
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 

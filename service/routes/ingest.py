@@ -8,8 +8,9 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
 
-from service import media, metrics
+from service import media, metrics, monitoring
 from service.deps import ReadAccess, ReadyState, WriteAccess
+from service.heartbeat import waiting_hint
 from service.jobs import JobStatus
 from service.schemas import (
     IngestItem,
@@ -117,10 +118,17 @@ async def get_job(job_id: str, state: ReadyState) -> JobResponse:
     job = await state.run(state.jobs.get, job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
-    return _job_response(job_id, job)
+    live = await state.run(monitoring.live_worker_names, state)  # None when embedded
+    return _job_response(job_id, job, live)
 
 
-def _job_response(job_id: str, job: JobStatus) -> JobResponse:
-    """Adapt the job store's JobStatus to the API schema."""
+def _job_response(job_id: str, job: JobStatus, live: list[str] | None = None) -> JobResponse:
+    """Adapt the job store's JobStatus to the API schema; in Redis mode, say how many workers
+    are live and whether the job waits for one that does not exist."""
     items = [JobItem(id=it.id, state=it.state, error=it.error) for it in job.items]
-    return JobResponse(job_id=job_id, state=job.state, items=items)
+    if live is None:
+        return JobResponse(job_id=job_id, state=job.state, items=items)
+    hint = waiting_hint([it.state for it in items], len(live))
+    return JobResponse(
+        job_id=job_id, state=job.state, items=items, live_workers=len(live), detail=hint
+    )

@@ -250,12 +250,14 @@ def test_metrics_expose_the_named_series(client: TestClient) -> None:
         "xmodal_ingest_batch_size_bucket",
         "xmodal_encoded_items_total",
         "xmodal_query_batch_size_bucket",
-        'xmodal_index_size{modality="image"} 5.0',
-        'xmodal_index_size{modality="video"} 0.0',
-        "xmodal_querybank_size",
+        'xmodal_index_items{modality="image"} 5.0',
+        'xmodal_index_items{modality="video"} 0.0',
+        "xmodal_querybank_queries",
         "xmodal_querybank_version",
     ):
         assert name in text, f"{name} missing from /metrics"
+    for gone in ("xmodal_index_size", "xmodal_encode_throughput", "xmodal_querybank_size"):
+        assert gone not in text, f"{gone} was renamed or dropped (issue 14)"
     assert 'route="/search"' in text
     assert client.get("/healthz").json() == {"status": "ok"}
 
