@@ -68,6 +68,7 @@ class ServiceState:
     ready: bool = False
     error: str | None = None  # why loading failed, when it did
     bank_checked: float = 0.0  # monotonic time of the last querybank version check
+    bank_stale: bool = False  # that check failed (store unreachable): serving the cached bank
     stop_event: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -116,9 +117,10 @@ class ServiceState:
             raise Overloaded(f"ingest queue holds {depth} items (cap {cap})", retry_after=5)
 
     def enqueue(self, job_id: str, payloads: list[dict[str, Any]]) -> None:
-        """Register the job, then queue its items durably (the job exists before any item)."""
-        self.jobs.create(job_id, [p["id"] for p in payloads])
-        self.queue.enqueue(job_id, payloads)
+        """Register the job and queue its items durably, all or nothing (service/enqueue.py)."""
+        from service.enqueue import enqueue_job
+
+        enqueue_job(self.jobs, self.queue, job_id, payloads)
 
     # ---- querybank and QB-Norm --------------------------------------------------------------
     def querybank_info(self) -> tuple[int, int | None]:
@@ -281,7 +283,11 @@ def maybe_refresh_normalizers(state: ServiceState, every_s: float = 1.0) -> None
         version = state.querybank.version(state.model_name, QUERYBANK_DIRECTION)
     except Exception:  # noqa: BLE001 - keep serving with the bank we have
         logger.warning("qbnorm: querybank version check failed", exc_info=True)
+        state.bank_stale = True
+        metrics.QUERYBANK_STALE.set(1)
         return
+    state.bank_stale = False
+    metrics.QUERYBANK_STALE.set(0)
     current = next(iter(state.normalizers.values()), None)
     have = current.bank_version if current is not None else None
     if version != have and (version or have):

@@ -198,6 +198,13 @@ class RedisStreamQueue:
 
     def enqueue(self, job_id: str, items: Sequence[dict[str, Any]]) -> list[str]:
         pipe = self.redis.pipeline(transaction=True)
+        self.enqueue_into(pipe, job_id, items)
+        results = pipe.execute()
+        return [r.decode() for r in results if isinstance(r, bytes)]
+
+    def enqueue_into(self, pipe: Any, job_id: str, items: Sequence[dict[str, Any]]) -> None:
+        """Queue the commands of :meth:`enqueue` on ``pipe`` (a MULTI pipeline the caller
+        executes, with the job's creation: see :func:`service.enqueue.enqueue_job`)."""
         for item in items:
             entry, blob = _prepare(item, self.spill_bytes)
             if blob is not None:
@@ -206,8 +213,6 @@ class RedisStreamQueue:
                 entry["blob"] = key
             fields = {"job": job_id, "item": _dumps(entry), "at": f"{time.time():.3f}"}
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
-        results = pipe.execute()
-        return [r.decode() for r in results if isinstance(r, bytes)]
 
     def read(self, consumer: str, count: int, block_ms: int = 0) -> list[Message]:
         import redis

@@ -124,6 +124,11 @@ class SearchResponse(BaseModel):
     index_version: int
     querybank_version: int | None
     qbnorm_applied: bool
+    querybank_stale: bool = Field(
+        False,
+        description="QB-Norm used the cached bank because the querybank store was unreachable "
+        "(the bank may be out of date)",
+    )
 
 
 # --- ingest ------------------------------------------------------------------------------------

@@ -193,7 +193,7 @@ class Worker:
                     "worker %s: batch failed; retrying in %.1f s", self.consumer, backoff
                 )
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, 5.0)  # resume soon after an outage
         self.close()
         logger.info("worker %s stopped", self.consumer)
 
