@@ -36,6 +36,7 @@ from service import metrics
 from service.encoder import Overloaded, QueryEncoder
 from service.logging import RequestContextMiddleware, request_id_var
 from service.media import MediaError
+from service.middleware import EdgeMiddleware
 from service.settings import MODALITIES, Settings
 
 logger = logging.getLogger(__name__)
@@ -507,6 +508,7 @@ def create_app(settings: Settings | None = None, *, model: Any = None) -> FastAP
     )
     app.state.xmodal = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.ingest.max_body_mb * 2**20))
+    app.add_middleware(EdgeMiddleware)  # API key before the body, OPTIONS/405 Allow
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
 

@@ -65,6 +65,7 @@ class AuthSettings(BaseModel):
 
     read_keys: list[str] = Field(default_factory=list)  # may search and read
     write_keys: list[str] = Field(default_factory=list)  # may also ingest, delete, edit the bank
+    protect_metrics: bool = False  # /metrics then needs a read or write key (when keys are set)
 
 
 class Settings(BaseSettings):
