@@ -141,9 +141,9 @@ class EdgeMiddleware:
         if full is not None:
             problem = self._key_problem(scope, full)
             if problem is not None:
-                await _error(
-                    scope, problem.status_code, str(problem.detail), problem.headers or {}
-                )(scope, receive, send)
+                headers = dict(problem.headers or {})
+                refusal = _error(scope, problem.status_code, str(problem.detail), headers)
+                await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
