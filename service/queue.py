@@ -12,6 +12,11 @@ same at-least-once semantics:
 - ``nack`` records why a delivery failed (the message stays pending and is retried after the
   claim timeout), and ``dead_letter`` parks a message that keeps failing, with its error, in a
   dead-letter stream/table and removes it from the queue.
+- ``recover`` hands a restarted consumer what it held when it died, at once; ``heartbeat`` /
+  ``reclaim_dead`` let live workers take a dead peer's pending work in seconds (Redis: a key
+  ``<stream>:alive:<consumer>`` with a TTL; embedded: one process owns the file, so
+  ``recover`` is enough); ``mark_solo`` counts a message's tries alone, durably, so the
+  worker can pin a crash on the item that causes it (``<stream>:solo`` hash / ``solo`` column).
 
 Large payloads (the spill choice). Base64 media is not kept inside stream entries: an item
 whose ``data`` is bytes, or a base64 string longer than ``spill_bytes``, is decoded once at

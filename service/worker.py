@@ -7,8 +7,10 @@ a bulk upload share the GPU equally well.
 
 Per batch:
 
-1. messages delivered more than ``worker.max_deliveries`` times (a crashed or repeatedly failing
-   worker) go to the dead-letter stream with their last error, and their job item is failed;
+1. first deliveries are processed together; redelivered messages (their worker crashed, or
+   they failed) one by one, each try alone counted durably first (``queue.mark_solo``); only a
+   message that crashed or failed alone ``worker.max_deliveries`` times is dead-lettered with
+   its last error (and its job item failed), never the innocent batch-mates of a crash;
 2. items move to ``encoding``; each is decoded (:mod:`service.media`). Bad media is the client's
    fault and permanent: the item is ``failed`` with the reason and acked at once, never retried
    and never blocking anything;
@@ -26,8 +28,11 @@ Per batch:
 
 Unexpected errors (not bad media) are recorded with ``nack`` and the message stays pending; it
 is reclaimed (``XAUTOCLAIM``) after ``worker.claim_idle_ms`` by whichever worker gets there
-first, so a crashed worker's messages are picked up by the others. Every worker also reclaims
-periodically. ``stop()`` lets the in-flight batch finish.
+first. Crashed work comes back faster: a starting worker first takes back what its consumer
+held when it died (``queue.recover``), and workers beat a heartbeat key (TTL
+``worker.heartbeat_ttl_ms``) from a thread of their own, so a peer whose beats stopped has its
+pending entries claimed in full batches within seconds (``queue.reclaim_dead``).
+``stop()`` lets the in-flight batch finish.
 """
 
 from __future__ import annotations
