@@ -6,6 +6,7 @@ request that raises is followed by normal ones on the same connection."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -65,6 +66,24 @@ def base_url(model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     yield url
     server.should_exit = True
     thread.join(30)
+    _forget_test_routes()
+
+
+def _forget_test_routes() -> None:
+    """The deliberate 500s/503s of these routes must not show in other tests' metric checks
+    (the registry is per process)."""
+    from service import metrics
+    from service.middleware import STORAGE_UNAVAILABLE
+
+    for route, status in (("/test-boom", "500"), ("/test-redis-down", "503")):
+        for method in ("GET", "POST"):
+            for family in (metrics.REQUESTS, metrics.REQUEST_LATENCY):
+                with contextlib.suppress(KeyError):
+                    family.remove(method, route, status)
+        with contextlib.suppress(KeyError):
+            metrics.ERRORS.remove(route, status)
+    with contextlib.suppress(KeyError):
+        STORAGE_UNAVAILABLE.remove("/test-redis-down", "redis")
 
 
 def _check_id(r: httpx.Response) -> str:
