@@ -36,6 +36,7 @@ from service import metrics
 from service.encoder import Overloaded, QueryEncoder
 from service.logging import RequestContextMiddleware, request_id_var
 from service.media import MediaError
+from service.middleware import EdgeMiddleware
 from service.settings import MODALITIES, Settings
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class ServiceState:
     ready: bool = False
     error: str | None = None  # why loading failed, when it did
     bank_checked: float = 0.0  # monotonic time of the last querybank version check
+    bank_stale: bool = False  # that check failed (store unreachable): serving the cached bank
     stop_event: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -116,9 +118,10 @@ class ServiceState:
             raise Overloaded(f"ingest queue holds {depth} items (cap {cap})", retry_after=5)
 
     def enqueue(self, job_id: str, payloads: list[dict[str, Any]]) -> None:
-        """Register the job, then queue its items durably (the job exists before any item)."""
-        self.jobs.create(job_id, [p["id"] for p in payloads])
-        self.queue.enqueue(job_id, payloads)
+        """Register the job and queue its items durably, all or nothing (service/enqueue.py)."""
+        from service.enqueue import enqueue_job
+
+        enqueue_job(self.jobs, self.queue, job_id, payloads)
 
     # ---- querybank and QB-Norm --------------------------------------------------------------
     def querybank_info(self) -> tuple[int, int | None]:
@@ -277,7 +280,11 @@ def maybe_refresh_normalizers(state: ServiceState, every_s: float = 1.0) -> None
         version = state.querybank.version(state.model_name, QUERYBANK_DIRECTION)
     except Exception:  # noqa: BLE001 - keep serving with the bank we have
         logger.warning("qbnorm: querybank version check failed", exc_info=True)
+        state.bank_stale = True
+        metrics.QUERYBANK_STALE.set(1)
         return
+    state.bank_stale = False
+    metrics.QUERYBANK_STALE.set(0)
     current = next(iter(state.normalizers.values()), None)
     have = current.bank_version if current is not None else None
     if version != have and (version or have):
@@ -497,6 +504,7 @@ def create_app(settings: Settings | None = None, *, model: Any = None) -> FastAP
     )
     app.state.xmodal = state
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.ingest.max_body_mb * 2**20))
+    app.add_middleware(EdgeMiddleware)  # API key before the body, OPTIONS/405 Allow
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
 

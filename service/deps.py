@@ -10,7 +10,8 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from service.app import ServiceState
 
@@ -24,7 +25,8 @@ def get_ready_state(request: Request) -> ServiceState:
     """The service state, or 503 while the model and index are still loading."""
     state = get_state(request)
     if not state.ready:
-        detail = f"not ready: {state.error}" if state.error else "not ready: still loading"
+        # the cause (maybe a file path) is in the log, never in the answer
+        detail = "not ready: start-up failed" if state.error else "not ready: still loading"
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, detail, headers={"Retry-After": "5"}
         )
@@ -73,25 +75,53 @@ def _check_key(
         )
 
 
+# Declared as security schemes, so the OpenAPI lists them and /docs can send a key.
+_BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
+
+
+def _bearer(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return f"Bearer {credentials.credentials}" if credentials is not None else None
+
+
 def require_read(
     request: Request,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
+    x_api_key: Annotated[str | None, Security(_API_KEY)] = None,
 ) -> None:
     """A read or write key, when read keys are configured."""
-    _check_key(get_state(request), authorization, x_api_key, write=False)
+    _check_key(get_state(request), _bearer(bearer), x_api_key, write=False)
 
 
 def require_write(
     request: Request,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
+    x_api_key: Annotated[str | None, Security(_API_KEY)] = None,
 ) -> None:
     """A write key, when any keys are configured."""
-    _check_key(get_state(request), authorization, x_api_key, write=True)
+    _check_key(get_state(request), _bearer(bearer), x_api_key, write=True)
+
+
+def require_metrics(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
+    x_api_key: Annotated[str | None, Security(_API_KEY)] = None,
+) -> None:
+    """With ``auth.protect_metrics``: any configured key (read or write) may scrape."""
+    state = get_state(request)
+    auth = state.settings.auth
+    if auth.protect_metrics and (auth.read_keys or auth.write_keys):
+        key = _presented_key(_bearer(bearer), x_api_key)
+        if key is None or not _matches(key, auth.read_keys + auth.write_keys):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "/metrics needs an API key (auth.protect_metrics)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
 
 State = Annotated[ServiceState, Depends(get_state)]
 ReadyState = Annotated[ServiceState, Depends(get_ready_state)]
 ReadAccess = Depends(require_read)
 WriteAccess = Depends(require_write)
+MetricsAccess = Depends(require_metrics)

@@ -148,14 +148,18 @@ class RedisJobStore(_JobStoreBase):
         self._set_state = self.redis.register_script(_SET_STATE_LUA)
 
     def create(self, job_id: str, item_ids: Sequence[str]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        self.create_into(pipe, job_id, item_ids)
+        pipe.execute()
+
+    def create_into(self, pipe: Any, job_id: str, item_ids: Sequence[str]) -> None:
+        """Queue the commands of :meth:`create` on ``pipe`` (a MULTI pipeline)."""
         key = self.prefix + job_id
         mapping: dict[str, str] = {"_items": json.dumps(list(item_ids)), "_at": str(time.time())}
         mapping.update({f"s:{i}": "queued" for i in item_ids})
-        pipe = self.redis.pipeline(transaction=True)
         pipe.delete(key)
         pipe.hset(key, mapping=mapping)
         pipe.expire(key, self.ttl_s)
-        pipe.execute()
 
     def _write_states(self, updates: list[ItemUpdate]) -> None:
         pipe = self.redis.pipeline(transaction=False)

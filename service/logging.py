@@ -101,7 +101,8 @@ def _route_template(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
-    """Pure ASGI middleware: request id, access log, request metrics."""
+    """Pure ASGI middleware: request id, access log, request metrics, and the answer to an
+    exception no handler took (500, or 503 for a storage outage; see service/middleware.py)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -122,10 +123,12 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         start = time.perf_counter()
         status = 500
+        started = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
+                started = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
@@ -133,7 +136,17 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except Exception as exc:
+                if started:  # too late to answer: the client sees a cut-off response
+                    raise
+                # Answered here, in the request's context: its own id, and no re-raise, so
+                # the server keeps the keep-alive connection (service/middleware.py).
+                from service.middleware import unhandled_response
+
+                response = unhandled_response(exc, scope, request_id)
+                await response(scope, receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - start
             route = _route_template(scope)

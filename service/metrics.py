@@ -47,6 +47,12 @@ ERRORS = Counter(
     ["route", "kind"],
 )
 
+# --- reliability (issue 15) -------------------------------------------------------------------
+QUERYBANK_STALE = Gauge(
+    "xmodal_querybank_stale",
+    "1 while the querybank store is unreachable and QB-Norm serves the cached bank.",
+)
+
 # --- search ------------------------------------------------------------------------------------
 SEARCH_STAGE = Histogram(
     "xmodal_search_stage_seconds",

@@ -12,6 +12,11 @@ same at-least-once semantics:
 - ``nack`` records why a delivery failed (the message stays pending and is retried after the
   claim timeout), and ``dead_letter`` parks a message that keeps failing, with its error, in a
   dead-letter stream/table and removes it from the queue.
+- ``recover`` hands a restarted consumer what it held when it died, at once; ``heartbeat`` /
+  ``reclaim_dead`` let live workers take a dead peer's pending work in seconds (Redis: a key
+  ``<stream>:alive:<consumer>`` with a TTL; embedded: one process owns the file, so
+  ``recover`` is enough); ``mark_solo`` counts a message's tries alone, durably, so the
+  worker can pin a crash on the item that causes it (``<stream>:solo`` hash / ``solo`` column).
 
 Large payloads (the spill choice). Base64 media is not kept inside stream entries: an item
 whose ``data`` is bytes, or a base64 string longer than ``spill_bytes``, is decoded once at
@@ -58,6 +63,7 @@ class Message:
     deliveries: int = 1  # how many times it has been handed to a consumer, this one included
     last_error: str | None = None  # the error a previous delivery recorded with nack()
     enqueued_at: float = 0.0
+    solo: int = 0  # deliveries in a batch of its own (see mark_solo); 0 = not yet tried alone
 
 
 @dataclass
@@ -100,6 +106,27 @@ class IngestQueue(Protocol):
         """Park ``message`` in the dead-letter store with ``error`` and remove it."""
         ...
 
+    def recover(self, consumer: str, count: int) -> list[Message]:
+        """At start-up: the messages ``consumer`` held when its process died, handed back at
+        once (deliveries incremented). Embedded: every message delivered before this queue
+        was opened (the process owns its queue). Redis: the consumer's own pending entries
+        (``XREADGROUP`` from id 0), a batch per call; ``[]`` once there are none left."""
+        ...
+
+    def mark_solo(self, message: Message) -> int:
+        """Durably count one more delivery of ``message`` alone (before processing it, so a
+        crash counts); returns the count, also stored on ``message.solo``."""
+        ...
+
+    def heartbeat(self, consumer: str, ttl_ms: int) -> None:
+        """``consumer`` is alive for ``ttl_ms`` more (Redis: a key with a TTL; embedded: no-op)."""
+        ...
+
+    def reclaim_dead(self, consumer: str, count: int) -> list[Message]:
+        """Take over pending messages of consumers whose heartbeat expired (a crashed peer's
+        work comes back in seconds, not after ``claim_idle_ms``); embedded: ``[]``."""
+        ...
+
     def depth(self) -> int:
         """Messages waiting for a first delivery."""
         ...
@@ -135,6 +162,10 @@ def _prepare(item: dict[str, Any], spill_bytes: int) -> tuple[dict[str, Any], by
         # Already validated by the API; a bad string here is a caller bug, surfaced as 400.
         return entry, decode_base64(data)
     return entry, None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _dumps(obj: Any) -> str:
@@ -182,6 +213,9 @@ class RedisStreamQueue:
         self.dead_stream = f"{stream}:dead"
         self.errors_key = f"{stream}:errors"
         self.blob_prefix = f"{stream}:blob:"
+        self.solo_key = f"{stream}:solo"  # hash: message id -> deliveries alone
+        self.alive_prefix = f"{stream}:alive:"  # key per live consumer, with a TTL
+        self._recover_from: dict[str, str] = {}  # consumer -> last id recover() handed out
         self.maxlen, self.dead_maxlen = maxlen, dead_maxlen
         self.spill_bytes, self.blob_ttl_s = spill_bytes, blob_ttl_s
         self.ensure_group()
@@ -198,6 +232,13 @@ class RedisStreamQueue:
 
     def enqueue(self, job_id: str, items: Sequence[dict[str, Any]]) -> list[str]:
         pipe = self.redis.pipeline(transaction=True)
+        self.enqueue_into(pipe, job_id, items)
+        results = pipe.execute()
+        return [r.decode() for r in results if isinstance(r, bytes)]
+
+    def enqueue_into(self, pipe: Any, job_id: str, items: Sequence[dict[str, Any]]) -> None:
+        """Queue the commands of :meth:`enqueue` on ``pipe`` (a MULTI pipeline the caller
+        executes, with the job's creation: see :func:`service.enqueue.enqueue_job`)."""
         for item in items:
             entry, blob = _prepare(item, self.spill_bytes)
             if blob is not None:
@@ -206,8 +247,6 @@ class RedisStreamQueue:
                 entry["blob"] = key
             fields = {"job": job_id, "item": _dumps(entry), "at": f"{time.time():.3f}"}
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
-        results = pipe.execute()
-        return [r.decode() for r in results if isinstance(r, bytes)]
 
     def read(self, consumer: str, count: int, block_ms: int = 0) -> list[Message]:
         import redis
@@ -238,6 +277,7 @@ class RedisStreamQueue:
         pipe.xack(self.stream, self.group, *ids)
         pipe.xdel(self.stream, *ids)
         pipe.hdel(self.errors_key, *ids)
+        pipe.hdel(self.solo_key, *ids)
         if blobs:
             pipe.delete(*blobs)
         pipe.execute()
@@ -259,6 +299,10 @@ class RedisStreamQueue:
         deleted = reply[2] if len(reply) > 2 else []
         if deleted:  # entries trimmed while pending: nothing left to process
             self.redis.xack(self.stream, self.group, *deleted)
+        return self._with_counts(claimed)
+
+    def _with_counts(self, claimed: list[Any]) -> list[Message]:
+        """Messages of claimed ``(id, fields)`` entries, with their delivery counts."""
         if not claimed:
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -268,6 +312,76 @@ class RedisStreamQueue:
         for mid_fields, pending in zip(claimed, pipe.execute(), strict=True):
             counts[mid_fields[0]] = pending[0]["times_delivered"] if pending else 1
         return self._messages(claimed, counts)
+
+    def recover(self, consumer: str, count: int) -> list[Message]:
+        start = self._recover_from.get(consumer, "0-0")
+        reply = self.redis.xreadgroup(self.group, consumer, {self.stream: start}, count=count)
+        entries = [e for _, batch in (reply or []) for e in batch]
+        if not entries:
+            return []
+        last = entries[-1][0]
+        self._recover_from[consumer] = last.decode() if isinstance(last, bytes) else last
+        gone = [mid for mid, f in entries if not f]  # deleted while pending: nothing to do
+        if gone:
+            self.redis.xack(self.stream, self.group, *gone)
+        live = [e for e in entries if e[1]]
+        messages = self._with_counts(live)
+        if not messages and len(entries) == count:  # a page of deleted entries: keep going
+            return self.recover(consumer, count)
+        return messages
+
+    def mark_solo(self, message: Message) -> int:
+        message.solo = int(self.redis.hincrby(self.solo_key, message.id, 1))
+        return message.solo
+
+    def heartbeat(self, consumer: str, ttl_ms: int) -> None:
+        self.redis.set(self.alive_prefix + consumer, f"{time.time():.3f}", px=ttl_ms)
+
+    def reclaim_dead(self, consumer: str, count: int, min_idle_ms: int = 1000) -> list[Message]:
+        """Consumers with pending work and no heartbeat key are dead: ``XCLAIM`` their
+        entries (idle at least ``min_idle_ms``, so two live workers never both take one), a
+        full batch per call; consumers left with nothing pending are removed from the group."""
+        try:
+            consumers = self.redis.xinfo_consumers(self.stream, self.group)
+        except Exception:  # noqa: BLE001 - no group yet
+            return []
+        others = [c for c in consumers if _text(c["name"]) != consumer]
+        if not others:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for c in others:
+            pipe.exists(self.alive_prefix + _text(c["name"]))
+        alive = pipe.execute()
+        claimed: list[Any] = []
+        for c, is_alive in zip(others, alive, strict=True):
+            name = _text(c["name"])
+            if is_alive:
+                continue
+            if int(c["pending"]) == 0:
+                if int(c["idle"]) > 60_000:  # long gone: tidy the group
+                    self.redis.xgroup_delconsumer(self.stream, self.group, name)
+                continue
+            want = count - len(claimed)
+            if want <= 0:
+                break
+            rows = self.redis.xpending_range(
+                self.stream, self.group, min="-", max="+", count=want, consumername=name
+            )
+            ids = [r["message_id"] for r in rows]
+            if not ids:
+                continue
+            got = self.redis.xclaim(
+                self.stream, self.group, consumer, min_idle_time=min_idle_ms, message_ids=ids
+            )
+            gone = [mid for mid, f in got if not f]
+            if gone:
+                self.redis.xack(self.stream, self.group, *gone)
+            claimed += [e for e in got if e[1]]
+            if claimed:
+                logger.warning(
+                    "reclaimed %d messages of dead consumer %s", len(got) - len(gone), name
+                )
+        return self._with_counts(claimed)
 
     def dead_letter(self, message: Message, error: str) -> None:
         item = {k: v for k, v in message.item.items() if k not in ("content", "data")}
@@ -284,6 +398,7 @@ class RedisStreamQueue:
         pipe.xack(self.stream, self.group, message.id)
         pipe.xdel(self.stream, message.id)
         pipe.hdel(self.errors_key, message.id)
+        pipe.hdel(self.solo_key, message.id)
         pipe.execute()
         _log_dead_letter(message, error)
 
@@ -343,9 +458,12 @@ class RedisStreamQueue:
         if not entries:
             return []
         ids = [mid.decode() if isinstance(mid, bytes) else mid for mid, _ in entries]
-        errors = self.redis.hmget(self.errors_key, ids)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(self.errors_key, ids)
+        pipe.hmget(self.solo_key, ids)
+        errors, solos = pipe.execute()
         messages = []
-        for (raw_id, f), mid, err in zip(entries, ids, errors, strict=True):
+        for (raw_id, f), mid, err, solo in zip(entries, ids, errors, solos, strict=True):
             item = json.loads(f[b"item"])
             messages.append(
                 Message(
@@ -355,6 +473,7 @@ class RedisStreamQueue:
                     deliveries=int(deliveries.get(raw_id, 1)),
                     last_error=err.decode() if err else None,
                     enqueued_at=float(f.get(b"at", b"0")),
+                    solo=int(solo or 0),
                 )
             )
         blob_keys = [m.item["blob"] for m in messages if m.item.get("blob")]
@@ -382,7 +501,8 @@ CREATE TABLE IF NOT EXISTS messages (
     consumer TEXT,
     delivered_at REAL,
     deliveries INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
+    last_error TEXT,
+    solo INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_waiting ON messages (consumer, id);
 CREATE TABLE IF NOT EXISTS blobs (id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL);
@@ -420,6 +540,10 @@ class LocalQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(messages)")}
+        if "solo" not in columns:  # a queue file from before per-item solo counts
+            self._db.execute("ALTER TABLE messages ADD COLUMN solo INTEGER NOT NULL DEFAULT 0")
+        self._opened_at = time.time()  # messages delivered before this are a dead process's
 
     def enqueue(self, job_id: str, items: Sequence[dict[str, Any]]) -> list[str]:
         prepared = [_prepare(item, self.spill_bytes) for item in items]
@@ -499,6 +623,30 @@ class LocalQueue:
                 "ORDER BY id LIMIT ?",
                 (cutoff, count),
             )
+
+    def recover(self, consumer: str, count: int) -> list[Message]:
+        with self._lock:
+            return self._claim(
+                consumer,
+                "SELECT id FROM messages WHERE consumer IS NOT NULL AND delivered_at < ? "
+                "ORDER BY id LIMIT ?",
+                (self._opened_at, count),
+            )
+
+    def mark_solo(self, message: Message) -> int:
+        with self._lock:
+            self._db.execute("UPDATE messages SET solo = solo + 1 WHERE id = ?", (int(message.id),))
+            row = self._db.execute(
+                "SELECT solo FROM messages WHERE id = ?", (int(message.id),)
+            ).fetchone()
+        message.solo = int(row[0]) if row else message.solo + 1
+        return message.solo
+
+    def heartbeat(self, consumer: str, ttl_ms: int) -> None:
+        return None  # one process owns the file: recover() at start-up is enough
+
+    def reclaim_dead(self, consumer: str, count: int) -> list[Message]:
+        return []
 
     def dead_letter(self, message: Message, error: str) -> None:
         item = {k: v for k, v in message.item.items() if k not in ("content", "data")}
@@ -590,7 +738,7 @@ class LocalQueue:
             )
             rows = cur.execute(
                 f"SELECT m.id, m.job_id, m.item, m.deliveries, m.last_error, m.enqueued_at, "
-                f"m.blob_id, b.data FROM messages m LEFT JOIN blobs b ON b.id = m.blob_id "
+                f"m.blob_id, b.data, m.solo FROM messages m LEFT JOIN blobs b ON b.id = m.blob_id "
                 f"WHERE m.id IN ({marks}) ORDER BY m.id",
                 ids,
             ).fetchall()
@@ -599,7 +747,7 @@ class LocalQueue:
             cur.execute("ROLLBACK")
             raise
         messages = []
-        for mid, job_id, item_json, deliveries, last_error, at, blob_id, data in rows:
+        for mid, job_id, item_json, deliveries, last_error, at, blob_id, data, solo in rows:
             item = json.loads(item_json)
             if blob_id is not None:
                 if data is None:
@@ -614,6 +762,7 @@ class LocalQueue:
                     deliveries=deliveries,
                     last_error=last_error,
                     enqueued_at=at,
+                    solo=solo,
                 )
             )
         return messages

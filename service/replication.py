@@ -341,7 +341,7 @@ class ReplicaApplier:
             except Exception:
                 logger.exception("replica applier failed; retrying in %.1f s", backoff)
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, 5.0)  # resume soon after an outage
         self.snapshot()
 
     def start(self, block_ms: int = 1000) -> ReplicaApplier:

@@ -27,8 +27,27 @@ class _Request(BaseModel):
 
 
 # --- search ------------------------------------------------------------------------------------
+_QUERY_KINDS = ("text", "image", "video", "vector", "item_id")
+
+
+def _one_query_schema(schema: dict[str, Any]) -> None:
+    """State the exactly-one-query rule (and visible text) in the schema (issue #15)."""
+    branches = []
+    for kind in _QUERY_KINDS:
+        others = [{"required": [o]} for o in _QUERY_KINDS if o != kind]
+        branch: dict[str, Any] = {"required": [kind], "not": {"anyOf": others}}
+        if kind == "text":
+            branch["properties"] = {"text": {"type": "string", "pattern": "[A-Za-z0-9]"}}
+        elif kind == "item_id":
+            branch["properties"] = {"item_id": {"type": "string", "minLength": 1}}
+        branches.append(branch)
+    schema["oneOf"] = branches
+
+
 class SearchRequest(_Request):
     """POST /search: exactly one query (text, image, video, vector or item_id) plus options."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_query_schema)
 
     text: str | None = Field(None, description="a text query")
     image: str | None = Field(None, description="a base64-encoded image (JPEG, PNG, WebP...)")
@@ -124,11 +143,51 @@ class SearchResponse(BaseModel):
     index_version: int
     querybank_version: int | None
     qbnorm_applied: bool
+    querybank_stale: bool = Field(
+        False,
+        description="QB-Norm used the cached bank because the querybank store was unreachable "
+        "(the bank may be out of date)",
+    )
 
 
 # --- ingest ------------------------------------------------------------------------------------
+_VISIBLE_TEXT: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": "[A-Za-z0-9]"}
+
+
+def _one_source_schema(schema: dict[str, Any]) -> None:
+    """State the rule the validator enforces, so clients and fuzzers can see it: exactly one
+    of ``data``/``text``/``path``, ``text`` only for text items, visible text."""
+    only = {
+        "text": {"not": {"anyOf": [{"required": ["data"]}, {"required": ["path"]}]}},
+        "data": {"not": {"anyOf": [{"required": ["text"]}, {"required": ["path"]}]}},
+        "path": {"not": {"anyOf": [{"required": ["text"]}, {"required": ["data"]}]}},
+    }
+    schema["oneOf"] = [
+        {
+            "required": ["text"],
+            "properties": {"modality": {"const": "text"}, "text": _VISIBLE_TEXT},
+            **only["text"],
+        },
+        {
+            "required": ["data"],
+            "properties": {
+                "modality": {"enum": ["image", "video"]},
+                "data": {"type": "string", "minLength": 4},
+            },
+            **only["data"],
+        },
+        {
+            "required": ["path"],
+            "properties": {"path": {"type": "string", "minLength": 1, "maxLength": 4096}},
+            **only["path"],
+        },
+    ]
+
+
 class IngestItem(_Request):
     """One item to index: an image/video (base64 ``data`` or ``path``) or a ``text``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_source_schema)
 
     id: str = Field(pattern=ITEM_ID_PATTERN, description="stable id; re-ingesting replaces")
     modality: Modality

@@ -60,6 +60,7 @@ class WorkerSettings(BaseModel):
     batch_wait_ms: int = Field(200, ge=0)  # how long to wait to fill a batch
     max_deliveries: int = Field(3, ge=1)  # after this many failed tries: dead-letter
     claim_idle_ms: int = Field(60_000, ge=1)  # reclaim messages pending longer than this
+    heartbeat_ttl_ms: int = Field(5_000, ge=100)  # a worker silent this long is dead: reclaimed
     consumer: str = Field(default_factory=socket.gethostname)  # consumer name in the group
     embedded: bool = True  # serve runs an in-process worker when no Redis URL is set
     metrics_port: int = Field(9100, ge=0, le=65535)  # `xmodal worker` serves /metrics here; 0 = off
@@ -81,6 +82,7 @@ class AuthSettings(BaseModel):
 
     read_keys: list[str] = Field(default_factory=list)  # may search and read
     write_keys: list[str] = Field(default_factory=list)  # may also ingest, delete, edit the bank
+    protect_metrics: bool = False  # /metrics then needs a read or write key (when keys are set)
 
 
 class Settings(BaseSettings):

@@ -7,8 +7,10 @@ a bulk upload share the GPU equally well.
 
 Per batch:
 
-1. messages delivered more than ``worker.max_deliveries`` times (a crashed or repeatedly failing
-   worker) go to the dead-letter stream with their last error, and their job item is failed;
+1. first deliveries are processed together; redelivered messages (their worker crashed, or
+   they failed) one by one, each try alone counted durably first (``queue.mark_solo``); only a
+   message that crashed or failed alone ``worker.max_deliveries`` times is dead-lettered with
+   its last error (and its job item failed), never the innocent batch-mates of a crash;
 2. items move to ``encoding``; each is decoded (:mod:`service.media`). Bad media is the client's
    fault and permanent: the item is ``failed`` with the reason and acked at once, never retried
    and never blocking anything;
@@ -26,8 +28,11 @@ Per batch:
 
 Unexpected errors (not bad media) are recorded with ``nack`` and the message stays pending; it
 is reclaimed (``XAUTOCLAIM``) after ``worker.claim_idle_ms`` by whichever worker gets there
-first, so a crashed worker's messages are picked up by the others. Every worker also reclaims
-periodically. ``stop()`` lets the in-flight batch finish.
+first. Crashed work comes back faster: a starting worker first takes back what its consumer
+held when it died (``queue.recover``), and workers beat a heartbeat key (TTL
+``worker.heartbeat_ttl_ms``) from a thread of their own, so a peer whose beats stopped has its
+pending entries claimed in full batches within seconds (``queue.reclaim_dead``).
+``stop()`` lets the in-flight batch finish.
 """
 
 from __future__ import annotations
@@ -179,12 +184,18 @@ class Worker:
         self._claim_every = max(0.05, min(self.cfg.claim_idle_ms / 2000, 30.0))
         self._next_claim = 0.0
         self.thumbnails = ThumbnailWriter(settings)  # previews for the search page
+        self._recovered = False  # recover() this consumer's own pending work first
+        self._beat_every = self.cfg.heartbeat_ttl_ms / 5000  # five beats per TTL
+        self._next_beat = 0.0
+        self._next_dead_check = 0.0
 
     # ---- loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
         """Process batches until :meth:`stop`; errors are logged, the loop keeps going."""
         logger.info("worker %s started", self.consumer)
+        beats = threading.Thread(target=self._beat_loop, name="xmodal-heartbeat", daemon=True)
+        beats.start()
         backoff = 0.5
         while not self._stop.is_set():
             try:
@@ -195,9 +206,23 @@ class Worker:
                     "worker %s: batch failed; retrying in %.1f s", self.consumer, backoff
                 )
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, 5.0)  # resume soon after an outage
         self.close()
         logger.info("worker %s stopped", self.consumer)
+
+    def _beat(self) -> None:
+        """Tell peers this consumer is alive (they reclaim its work once the beats stop)."""
+        self._next_beat = time.monotonic() + self._beat_every
+        try:
+            self.queue.heartbeat(self.consumer, self.cfg.heartbeat_ttl_ms)
+        except Exception as exc:  # noqa: BLE001 - the loop reports storage errors itself
+            logger.debug("heartbeat of %s failed: %r", self.consumer, exc)
+
+    def _beat_loop(self) -> None:
+        """Beats from their own thread, so a long batch never looks like a dead worker."""
+        while not self._stop.is_set():
+            self._beat()
+            self._stop.wait(self._beat_every)
 
     def stop(self) -> None:
         """Ask the loop to exit after the in-flight batch."""
@@ -227,9 +252,20 @@ class Worker:
         size = self.cfg.batch_size
         messages: list[Message] = []
         now = time.monotonic()
-        if now >= self._next_claim:
-            self._next_claim = now + self._claim_every
-            messages += self.queue.reclaim(self.consumer, self.cfg.claim_idle_ms, size)
+        if now >= self._next_beat:
+            self._beat()
+        if not self._recovered:  # what this consumer held when it died: at once
+            messages += self.queue.recover(self.consumer, size)
+            self._recovered = len(messages) < size
+        if len(messages) < size and now >= self._next_dead_check:  # crashed peers' work
+            self._next_dead_check = now + self._beat_every
+            messages += self.queue.reclaim_dead(self.consumer, size - len(messages))
+        if len(messages) < size and now >= self._next_claim:  # stuck deliveries
+            want = size - len(messages)
+            claimed = self.queue.reclaim(self.consumer, self.cfg.claim_idle_ms, want)
+            # a full batch means there may be more: claim again next round, not next tick
+            self._next_claim = now if len(claimed) == want else now + self._claim_every
+            messages += claimed
         if len(messages) < size:
             messages += self.queue.read(
                 self.consumer, size - len(messages), 0 if messages else block_ms
@@ -251,14 +287,33 @@ class Worker:
     # ---- one batch ----------------------------------------------------------------------
 
     def process(self, messages: Sequence[Message]) -> BatchReport:
+        """Process a batch: first deliveries together; redelivered messages (their worker
+        crashed or they failed) one by one, so a crash is pinned on the item that causes it.
+
+        A message is dead-lettered only for its own faults: after ``max_deliveries`` tries
+        alone (each counted durably before it starts, so a crash alone counts), or when it
+        failed alone that often. Innocent batch-mates of a crash are never dead-lettered.
+        """
+        fresh = [m for m in messages if m.deliveries <= 1]
+        report = self._process_batch(fresh) if fresh else BatchReport()
+        for m in messages:
+            if m.deliveries <= 1:
+                continue
+            solo = self.queue.mark_solo(m)
+            if solo > self.cfg.max_deliveries:
+                one = BatchReport(read=1)
+                reason = m.last_error or "the worker crashed while processing it alone"
+                self._dead_letter(m, one, f"{reason} ({solo - 1} tries alone)")
+            else:
+                one = self._process_batch([m])
+            _merge(report, one)
+        self._observe(report)
+        return report
+
+    def _process_batch(self, messages: Sequence[Message]) -> BatchReport:
         """Decode, encode, write, then mark and ack one batch of messages."""
         report = BatchReport(read=len(messages))
-        live: list[Message] = []
-        for m in messages:
-            if m.deliveries > self.cfg.max_deliveries:
-                self._dead_letter(m, report)
-            else:
-                live.append(m)
+        live = list(messages)
         self.jobs.set_states(ItemUpdate(m.job_id, _item_id(m), "encoding") for m in live)
 
         done: list[Message] = []  # to ack once the job state is recorded
@@ -300,7 +355,6 @@ class Worker:
 
         self.jobs.set_states(updates)
         self.queue.ack([m.id for m in done])
-        self._observe(report)
         return report
 
     # ---- steps --------------------------------------------------------------------------
@@ -479,7 +533,10 @@ class Worker:
     def _retry(self, m: Message, error: str, report: BatchReport) -> None:
         """Leave the message pending with its error: reclaimed later, or dead-lettered."""
         report.retried += 1
-        if m.deliveries >= self.cfg.max_deliveries:
+        # Its own failures: this one and its tries alone (a batch's encode already isolates
+        # the failing item, so the first failure is its own too); batch crashes do not count.
+        tries = m.solo + 1 if m.solo else m.deliveries
+        if tries >= self.cfg.max_deliveries:
             self._dead_letter(m, report, error)
             return
         self.queue.nack(m, error)
@@ -551,6 +608,14 @@ def _chunks_by_frames(
     if current:
         chunks.append(current)
     return chunks
+
+
+def _merge(into: BatchReport, other: BatchReport) -> None:
+    for name in ("read", "indexed", "unchanged", "failed", "retried", "dead_lettered"):
+        setattr(into, name, getattr(into, name) + getattr(other, name))
+    into.encode_seconds += other.encode_seconds
+    for modality, n in other.by_modality.items():
+        into.by_modality[modality] = into.by_modality.get(modality, 0) + n
 
 
 def _item_id(m: Message) -> str:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response, status
 
 from service import metrics, monitoring
 from service.app import QUERYBANK_DIRECTION, ServiceState
-from service.deps import State
+from service.deps import MetricsAccess, State
 from service.schemas import HealthResponse, ReadyResponse
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ def readiness(state: ServiceState) -> ReadyResponse:
             checks["replication"] = not getattr(state.replica, "gap", False)
     ready = state.ready and all(checks.values())
     workers = monitoring.live_worker_names(state)  # None in embedded mode
-    return ReadyResponse(ready=ready, checks=checks, detail=state.error, workers=workers)
+    detail = "start-up failed; the cause is in the service log" if state.error else None
+    return ReadyResponse(ready=ready, checks=checks, detail=detail, workers=workers)
 
 
 @router.get(
@@ -60,6 +61,7 @@ def readyz(state: State, response: Response) -> ReadyResponse:
 @router.get(
     "/metrics",
     response_class=Response,
+    dependencies=[MetricsAccess],
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"}},
 )
 def prometheus_metrics(state: State) -> Response:

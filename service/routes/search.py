@@ -316,6 +316,7 @@ async def search(request: Request, state: ReadyState) -> SearchResponse:
         index_version=state.index_version(),
         querybank_version=state.serving_bank()[1],
         qbnorm_applied=applied,
+        querybank_stale=applied and state.bank_stale,
     )
 
 

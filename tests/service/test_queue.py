@@ -143,3 +143,53 @@ def test_redis_group_is_created_once_and_recreated(redis_url: str) -> None:
     assert q1.read("w", 5, block_ms=10) == []  # NOGROUP: recreated, no crash
     q1.enqueue("j", _items(1))
     assert len(q1.read("w", 5)) == 1
+
+
+# --- fast reclaim after a crash (issue #15 item 5) --------------------------------------------
+def test_a_restarted_embedded_queue_recovers_its_pending_at_once(tmp_path: Path) -> None:
+    first = LocalQueue(tmp_path / "q.sqlite3")
+    first.enqueue("j", [{"id": f"i{n}", "modality": "text", "text": "x"} for n in range(5)])
+    assert len(first.read("w", 3)) == 3  # then the process is SIGKILLed
+    first.close()
+    again = LocalQueue(tmp_path / "q.sqlite3")
+    got = again.recover("w-after-restart", 10)  # any consumer name: the process owns the file
+    assert sorted(m.item["id"] for m in got) == ["i0", "i1", "i2"]
+    assert all(m.deliveries == 2 for m in got)
+    assert again.recover("w-after-restart", 10) == []  # what it reads now is its own
+    assert len(again.read("w-after-restart", 10)) == 2
+    assert again.recover("w-after-restart", 10) == []
+    assert again.mark_solo(got[0]) == 1 and again.mark_solo(got[0]) == 2
+    [back] = again.reclaim("w2", 0, 1)
+    assert back.solo == 2  # the count of tries alone is durable
+    again.close()
+
+
+def test_a_redis_consumer_recovers_its_own_pending_first(redis_url: str) -> None:
+    queue = RedisStreamQueue(redis_url)
+    queue.enqueue("j", [{"id": f"i{n}", "modality": "text", "text": "x"} for n in range(7)])
+    assert len(queue.read("me", 5)) == 5  # then the worker dies
+    restarted = RedisStreamQueue(redis_url)
+    page1 = restarted.recover("me", 3)
+    page2 = restarted.recover("me", 3)
+    assert [m.item["id"] for m in page1 + page2] == ["i0", "i1", "i2", "i3", "i4"]
+    assert all(m.deliveries == 2 for m in page1 + page2)
+    assert restarted.recover("me", 3) == []
+    assert restarted.recover("someone-else", 3) == []
+    restarted.ack([m.id for m in page1])
+    assert restarted.mark_solo(page2[0]) == 1
+    assert restarted.pending() == 2
+
+
+def test_a_dead_peers_work_is_reclaimed_once_its_heartbeat_expires(redis_url: str) -> None:
+    queue = RedisStreamQueue(redis_url)
+    queue.enqueue("j", [{"id": f"i{n}", "modality": "text", "text": "x"} for n in range(6)])
+    queue.heartbeat("alive", 60_000)
+    queue.heartbeat("dying", 100)
+    assert len(queue.read("alive", 2)) == 2
+    assert len(queue.read("dying", 4)) == 4
+    assert queue.reclaim_dead("me", 10, min_idle_ms=0) == []  # both still beat
+    time.sleep(0.2)  # dying's heartbeat key expires
+    got = queue.reclaim_dead("me", 3, min_idle_ms=0)
+    assert len(got) == 3 and all(m.deliveries == 2 for m in got)  # a full batch per call
+    assert len(queue.reclaim_dead("me", 10, min_idle_ms=0)) == 1
+    assert queue.reclaim_dead("me", 10, min_idle_ms=0) == []  # alive's work stays its own

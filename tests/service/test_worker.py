@@ -263,19 +263,48 @@ def test_crashed_workers_messages_are_reclaimed(redis_url: str, tmp_path: Path, 
 
 
 def test_a_crash_loop_item_is_dead_lettered(redis_url: str, tmp_path: Path, model: Any) -> None:
-    """An item that kills every worker that touches it (no error recorded) still ends."""
+    """An item that kills every worker that tries it alone (no error recorded) still ends."""
     queue = RedisStreamQueue(redis_url)
     jobs = RedisJobStore(redis_url)
     jobs.create("j", ["x"])
     queue.enqueue("j", [{"id": "x", "modality": "text", "text": "segfault"}])
-    queue.read("a", 1)
-    queue.reclaim("b", 0, 1)  # delivery 2, b dies too
-    settings = make_settings(tmp_path, None, claim_idle_ms=1, max_deliveries=2, consumer="c")
+    queue.read("a", 1)  # a dies with it in a batch: not pinned on the item yet
+    for crashed in ("b", "c"):  # then it kills each worker that tries it alone
+        [m] = queue.reclaim(crashed, 0, 1)
+        assert queue.mark_solo(m) == m.solo
+    settings = make_settings(tmp_path, None, claim_idle_ms=1, max_deliveries=2, consumer="d")
     time.sleep(0.01)
     report = Worker(model, queue, jobs, ReplicationPublisher(redis_url), settings).run_once(10)
     assert report.dead_lettered == 1
     [item] = jobs.get("j").items  # type: ignore[union-attr]
-    assert item.state == "failed" and "crashed or timed out" in (item.error or "")
+    assert item.state == "failed" and "crashed while processing it alone" in (item.error or "")
+    assert queue.stats() == {"depth": 0, "pending": 0, "dead_letters": 1}
+
+
+def test_batch_mates_of_crashes_are_not_dead_lettered(
+    backend: Any, tmp_path: Path, model: Any
+) -> None:
+    """Three crashes during the same batch: its items are retried one by one and indexed,
+    none dead-lettered (issue #15 item 6)."""
+    queue, jobs, sink, galleries, applier = backend
+    items = [{"id": f"m{i}", "modality": "text", "text": f"caption {i}"} for i in range(5)]
+    jobs.create("j", [i["id"] for i in items])
+    queue.enqueue("j", items)
+    assert len(queue.read("crash-1", 10)) == 5
+    for crashed in ("crash-2", "crash-3"):
+        assert len(queue.reclaim(crashed, 0, 10)) == 5
+    settings = make_settings(tmp_path, None, claim_idle_ms=1, max_deliveries=2)
+    time.sleep(0.01)
+    reports = drain(Worker(model, queue, jobs, sink, settings), queue)
+    assert sum(r.dead_lettered for r in reports) == 0
+    assert sum(r.indexed for r in reports) == 5
+    status = jobs.get("j")
+    assert status is not None and status.state == "done"
+    assert all(it.state == "indexed" for it in status.items)
+    assert queue.stats() == {"depth": 0, "pending": 0, "dead_letters": 0}
+    if applier is not None:
+        applier.catch_up()
+    assert sorted(galleries["text"].ids()) == [f"m{i}" for i in range(5)]
 
 
 def test_two_workers_share_the_queue(redis_url: str, tmp_path: Path, model: Any) -> None:
