@@ -504,9 +504,9 @@ def create_app(settings: Settings | None = None, *, model: Any = None) -> FastAP
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
 
-    from service.routes import health, ingest, items, querybank, search
+    from service.routes import admin, health, ingest, items, querybank, search
 
-    for module in (search, ingest, items, querybank, health):
+    for module in (search, ingest, items, querybank, health, admin):
         app.include_router(module.router)
     return app
 
