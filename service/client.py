@@ -144,6 +144,7 @@ class Limits:
 
     max_batch_items: int = DEFAULT_MAX_ITEMS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_text_chars: int = 2_000
 
 
 @dataclass
@@ -317,6 +318,7 @@ class Client:
                 self._limits = Limits(
                     max_batch_items=int(body["max_batch_items"]),
                     max_body_bytes=int(body["max_body_bytes"]),
+                    max_text_chars=int(body.get("max_text_chars", 2_000)),
                 )
             except NotFound:
                 self._limits = Limits()
