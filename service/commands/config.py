@@ -49,9 +49,9 @@ def _comments(cls: type) -> dict[str, str]:
     for line_no, line in enumerate(source.splitlines(), 1):
         stripped = line.strip()
         name = stripped.split(":", 1)[0].strip()
-        if line.startswith("    ") and not line.startswith("     ") and ":" in stripped:
-            if name.isidentifier():
-                field_at[line_no] = name
+        indented = line.startswith("    ") and not line.startswith("     ")
+        if indented and ":" in stripped and name.isidentifier():
+            field_at[line_no] = name
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT and tok.start[0] in field_at:
             text = tok.string.lstrip("#").strip()
@@ -115,7 +115,8 @@ def markdown() -> str:
     for sec, var, typ, default, text in rows(Settings):
         if sec != section:
             section = sec
-            out.append(f"\n## `{sec}`\n\n| variable | type | default | meaning |\n|---|---|---|---|")
+            out.append(f"\n## `{sec}`\n\n| variable | type | default | meaning |")
+            out.append("|---|---|---|---|")
         cell = text.replace("|", "\\|")
         out.append(f"| `{var}` | `{typ.replace('|', '&#124;')}` | `{default}` | {cell} |")
     return "\n".join(out) + "\n"
