@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "features")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", type=Path, help="write recall@K curves (raw vs QB-Norm) to a PNG")
     return p
 
 
@@ -98,13 +99,34 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, Any] = evaluate(model, feats, device=args.device, t2i_renorm=renorm)
     if renorm is not None:
         metrics["qbnorm_beta"] = args.beta
+    if args.plot is not None:
+        plot_recall(model, feats, renorm, args)
+        metrics["plot"] = str(args.plot)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     if args.json:
         print(json.dumps(metrics))
     else:
         for key, value in metrics.items():
-            print(f"{key:>20s}  {value:.2f}")
+            shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+            print(f"{key:>20s}  {shown}")
     return 0
+
+
+def plot_recall(model: Any, feats: Any, renorm: Any, args: argparse.Namespace) -> None:
+    """Recall@K for K = 1..50, text->image raw (and QB-Norm with a bank), image->text raw."""
+    from models.evaluate import rank_i2t, rank_t2i
+    from service.commands.plots import plot_recall_curves
+
+    img, txt = embed_cached(model, feats, device=args.device)
+    sims = similarity_matrix(model, img, txt)  # [n_img, n_cap]
+    c2i = feats.caption_to_image
+    t2i = {"raw": rank_t2i(np.ascontiguousarray(sims.T), c2i)}
+    if renorm is not None:
+        t2i[f"QB-Norm (beta {args.beta:g})"] = rank_t2i(renorm(np.ascontiguousarray(sims.T)), c2i)
+    curves = {"text -> image": t2i, "image -> text": {"raw": rank_i2t(sims, c2i)}}
+    name = getattr(model, "name", None) or getattr(model.config, "name", "model")
+    title = f"{name} on {Path(args.data).name} {args.split} ({feats.num_images} images)"
+    plot_recall_curves(curves, args.plot, title)
 
 
 if __name__ == "__main__":  # pragma: no cover
