@@ -227,7 +227,8 @@ class Client:
         timeout: seconds per request.
         retries: how many times a 429/503 (or a refused connection) is retried.
         max_wait_s: the longest single wait, whatever ``Retry-After`` says.
-        transport: an httpx transport (tests may pass ``httpx.ASGITransport(app)``).
+        transport: an httpx transport for the default client.
+        http: an httpx.Client to use as is (e.g. a FastAPI TestClient around the app).
     """
 
     def __init__(
@@ -239,13 +240,16 @@ class Client:
         retries: int = 8,
         max_wait_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        http: httpx.Client | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
         self.retries, self.max_wait_s = retries, max_wait_s
-        self._http = httpx.Client(
+        self._http = http or httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=transport
         )
+        if http is not None:
+            self._http.headers.update(headers)
         self._limits: Limits | None = None
         self.sleep: Callable[[float], None] = time.sleep
 
