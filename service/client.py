@@ -410,21 +410,30 @@ class Client:
 
     def snapshot(self, dest: Path) -> dict[str, Any]:
         """Download a consistent snapshot of the service (``POST /snapshots``) into ``dest``."""
-        import io
         import tarfile
 
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        with self._http.stream("POST", "/snapshots") as response:
-            if response.status_code >= 400:
-                response.read()
-                raise error_from_response(response)
-            buf = io.BytesIO()
-            for chunk in response.iter_bytes():
-                buf.write(chunk)
-        buf.seek(0)
-        with tarfile.open(fileobj=buf, mode="r") as tar:
-            tar.extractall(dest, filter="data")
+        tmp = dest / ".download.tar"
+        try:
+            with self._http.stream("POST", "/snapshots") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_from_response(response)
+                with tmp.open("wb") as f:
+                    for chunk in response.iter_bytes(1 << 20):
+                        f.write(chunk)
+            with tarfile.open(tmp, mode="r") as tar:
+                for member in tar.getmembers():
+                    if (
+                        not (member.isfile() or member.isdir())
+                        or member.name.startswith(("/", ".."))
+                        or ".." in Path(member.name).parts
+                    ):
+                        raise XmodalError(f"unsafe entry in the snapshot: {member.name!r}")
+                tar.extractall(dest)  # noqa: S202 - every member checked above
+        finally:
+            tmp.unlink(missing_ok=True)
         return json.loads((dest / "manifest.json").read_text())  # type: ignore[no-any-return]
 
     def ingest(

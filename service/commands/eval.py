@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         from index.qbnorm import dynamic_inverted_softmax
 
         bank_ds = load_dataset(args.querybank_data, args.querybank_split)
+        if args.max_images:  # "of each split": the bank's too
+            bank_ds = bank_ds.subset(args.max_images)
         bank_feats = load_split_features(bank_ds, model.config, args.cache_dir, args.device, False)
         img, _ = embed_cached(model, feats, device=args.device)
         with torch.no_grad():
