@@ -503,8 +503,8 @@ class Client:
                 poll(block=True)
         finally:
             bar.close()
-        for ids in open_jobs.values():
-            report.pending.extend(sorted(ids))
+        for left in open_jobs.values():
+            report.pending.extend(sorted(left))
         return report
 
     def _send(

@@ -145,8 +145,9 @@ def read(source: Source, max_chars: int) -> tuple[dict[str, Any], str]:
         return item, content_hash(text)
     assert source.path is not None
     data = source.path.read_bytes()
-    item = {"id": source.id, "modality": source.modality, "data": data, "metadata": meta}
-    return item, content_hash(data)
+    media: dict[str, Any] = {"id": source.id, "modality": source.modality, "metadata": meta}
+    media["data"] = data
+    return media, content_hash(data)
 
 
 def build_parser() -> Any:

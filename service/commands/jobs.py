@@ -35,7 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.json:
                     print(json.dumps(job))
                 else:
-                    rows = [(it["id"], it["state"], it.get("error") or "") for it in job["items"]]
+                    rows: list[tuple[object, ...]] = [
+                        (it["id"], it["state"], it.get("error") or "") for it in job["items"]
+                    ]
                     print(f"job {job['job_id']}: {job['state']}")
                     print(common.table(rows, ("item", "state", "error")))
                 return 0
@@ -45,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(jobs))
         return 0
-    rows = [
+    listing: list[tuple[object, ...]] = [
         (
             j["job_id"],
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created_at"])),
@@ -57,5 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for j in jobs
     ]
-    print(common.table(rows, ("job", "created", "state", "items", "indexed", "failed", "waiting")))
+    print(
+        common.table(listing, ("job", "created", "state", "items", "indexed", "failed", "waiting"))
+    )
     return 0
