@@ -100,3 +100,26 @@ def test_unreachable_server_is_a_typed_error() -> None:
     xm.sleep = lambda s: None
     with pytest.raises(Unreachable):
         xm.jobs()
+
+
+def test_admin_routes_refuse_bad_input_and_snapshot_verifies(model: Any, tmp_path: Path) -> None:
+    from service.snapshots import SnapshotError, read_manifest
+
+    with running(make_settings(tmp_path / "data"), model) as http:
+        xm = Client(http=http)
+        for path, body in (("/dead-letters/requeue", {}), ("/items/hashes", {"ids": []})):
+            r = http.post(path, json=body)
+            assert r.status_code == 422, r.text
+        assert "give either ids or all=true" in http.post("/dead-letters/requeue", json={}).text
+        assert http.get("/jobs", params={"limit": 0}).status_code == 422
+        report = xm.ingest([{"id": "t", "modality": "text", "text": "a boat"}], progress=False)
+        assert report.indexed == ["t"]
+        manifest = xm.snapshot(tmp_path / "snap")
+    assert manifest["galleries"]["text"]["items"] == 1
+    assert read_manifest(tmp_path / "snap")["files"] == manifest["files"]
+    assert not list((tmp_path / "data" / "snapshots").iterdir())  # staging cleaned up
+    victim = next(p for p in (tmp_path / "snap").rglob("snapshot.*.bin"))
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
+    with pytest.raises(SnapshotError, match="checksum mismatch"):
+        read_manifest(tmp_path / "snap")
