@@ -152,7 +152,14 @@ def main() -> None:
     p.add_argument("--multivector", action="store_true", help="set-item recall benchmark instead")
     p.add_argument("--slots", type=int, default=4, help="--multivector: vectors per item")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.add_argument("--plot", type=Path, help="also write latency/throughput/recall bars (PNG)")
+    p.add_argument("--replot", type=Path, help="only plot a saved --json output into --plot")
     args = p.parse_args()
+    if args.replot is not None:
+        from service.commands.plots import plot_index_bench
+
+        plot_index_bench(json.loads(args.replot.read_text()), args.plot or Path("index.png"))
+        return
     if args.multivector:
         faiss.omp_set_num_threads(args.threads)
         print(json.dumps(bench_multivector(args)))
@@ -177,6 +184,10 @@ def main() -> None:
             print(json.dumps(res), flush=True)
     out = {"gallery": args.gallery, "dim": args.dim, "queries": args.queries, "results": results}
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+    if args.plot is not None:
+        from service.commands.plots import plot_index_bench
+
+        plot_index_bench(out, args.plot)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads (per query)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.add_argument("--plot", type=Path, help="also write latency/throughput bars (PNG)")
+    p.add_argument(
+        "--replot", type=Path, nargs="+", help="only plot saved --json outputs into --plot"
+    )
     args = p.parse_args()
+    if args.replot:
+        from service.commands.plots import plot_qbnorm_bench
+
+        saved = [json.loads(f.read_text()) for f in args.replot]
+        plot_qbnorm_bench(saved, args.plot or Path("qbnorm.png"))
+        return
     faiss.omp_set_num_threads(args.threads)
 
     rng = np.random.default_rng(args.seed)
@@ -188,6 +198,10 @@ def main() -> None:
         "dense_calls": len(dense_times),
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    if args.plot is not None:
+        from service.commands.plots import plot_qbnorm_bench
+
+        plot_qbnorm_bench([result], args.plot)
     g.close()
     tmp.cleanup()
 

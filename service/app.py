@@ -508,9 +508,18 @@ def create_app(settings: Settings | None = None, *, model: Any = None) -> FastAP
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
 
-    from service.routes import health, ingest, items, page, querybank, search, thumbnails
+    from service.routes import (
+        admin,
+        health,
+        ingest,
+        items,
+        page,
+        querybank,
+        search,
+        thumbnails,
+    )
 
-    for module in (search, ingest, items, querybank, health, thumbnails, page):
+    for module in (search, ingest, items, querybank, health, admin, thumbnails, page):
         app.include_router(module.router)
     return app
 

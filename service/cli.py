@@ -19,10 +19,16 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate retrieval (R@K, RSUM), with and without QB-Norm",
     "querybank": "build or inspect the QB-Norm querybank (querybank build --data DIR)",
     "export": "export a checkpoint to ship (rename, float16)",
+    "ingest": "index folders of images/videos/texts into a running service",
+    "search": "search a running service with a text, image or video",
+    "jobs": "list recent ingest jobs (or one job's items)",
+    "dead-letters": "list or requeue items the workers gave up on",
+    "snapshot": "back up a service's index (create) or restore one (restore)",
+    "config": "print the configuration reference (--markdown for docs/CONFIG.md)",
 }
 
 USAGE = "usage: xmodal <command> [args...]\n\ncommands:\n" + "".join(
-    f"  {name:<10} {text}\n" for name, text in COMMANDS.items()
+    f"  {name:<13} {text}\n" for name, text in COMMANDS.items()
 )
 
 
@@ -37,9 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"xmodal: unknown command {name!r}\n\n{USAGE}")
         return 2
     try:
-        module = importlib.import_module(f"service.commands.{name}")
+        module = importlib.import_module(f"service.commands.{name.replace('-', '_')}")
     except ModuleNotFoundError as exc:
-        if exc.name != f"service.commands.{name}":
+        if exc.name != f"service.commands.{name.replace('-', '_')}":
             raise
         sys.stderr.write(f"xmodal: command {name!r} is not available in this build\n")
         return 2

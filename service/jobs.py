@@ -160,6 +160,18 @@ class RedisJobStore(_JobStoreBase):
         pipe.delete(key)
         pipe.hset(key, mapping=mapping)
         pipe.expire(key, self.ttl_s)
+        pipe.zadd(self.recent_key, {job_id: time.time()})
+
+    @property
+    def recent_key(self) -> str:
+        """Sorted set of job ids by creation time (for ``GET /jobs``)."""
+        return self.prefix.rstrip(":") + "s:recent"
+
+    def recent(self, limit: int = 20) -> list[tuple[str, float]]:
+        """``(job_id, created_at)`` of the newest jobs, newest first (expired ones pruned)."""
+        self.redis.zremrangebyscore(self.recent_key, "-inf", time.time() - self.ttl_s)
+        rows = self.redis.zrevrange(self.recent_key, 0, max(0, limit - 1), withscores=True)
+        return [(k.decode() if isinstance(k, bytes) else str(k), float(t)) for k, t in rows]
 
     def _write_states(self, updates: list[ItemUpdate]) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -284,6 +296,14 @@ class LocalJobStore(_JobStoreBase):
             return None
         items = [JobItem(id=r[0], state=r[1], error=r[2]) for r in rows]
         return JobStatus(job_id=job_id, state=job_state([it.state for it in items]), items=items)
+
+    def recent(self, limit: int = 20) -> list[tuple[str, float]]:
+        """``(job_id, created_at)`` of the newest jobs, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, created_at FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [(str(r[0]), float(r[1])) for r in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -432,6 +432,21 @@ class RedisStreamQueue:
             )
         return out
 
+    def delete_dead_letters(self, message_ids: Iterable[str]) -> int:
+        """Drop the dead letters of these message ids (after a requeue); returns how many."""
+        wanted = set(message_ids)
+        doomed = [
+            eid
+            for eid, f in self.redis.xrange(self.dead_stream)
+            if f.get(b"message_id", b"").decode() in wanted
+        ]
+        return int(self.redis.xdel(self.dead_stream, *doomed)) if doomed else 0
+
+    def load_blob(self, key: str) -> bytes | None:
+        """The spilled payload a dead letter refers to (None once its TTL expired)."""
+        data = self.redis.get(key)
+        return bytes(data) if data is not None else None
+
     def stats(self) -> dict[str, int]:
         return {
             "depth": self.depth(),
@@ -705,6 +720,21 @@ class LocalQueue:
             )
             for r in reversed(rows)
         ]
+
+    def delete_dead_letters(self, message_ids: Iterable[str]) -> int:
+        """Drop the dead letters of these message ids (after a requeue); returns how many."""
+        ids = list(message_ids)
+        if not ids:
+            return 0
+        with self._lock:
+            cur = self._db.execute(
+                f"DELETE FROM dead_letters WHERE message_id IN ({','.join('?' * len(ids))})", ids
+            )
+            return int(cur.rowcount)
+
+    def load_blob(self, key: str) -> bytes | None:
+        """Embedded dead letters keep no payload (their blob is dropped): always None."""
+        return None
 
     def stats(self) -> dict[str, int]:
         return {

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="encode photos and captions with the serving model and engine (no feature cache)",
     )
     p.add_argument("--engine", choices=["onnx", "eager"], default="onnx", help="--end-to-end")
+    p.add_argument("--plot", type=Path, help="write recall@K curves (raw vs QB-Norm) to a PNG")
     return p
 
 
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         from index.qbnorm import dynamic_inverted_softmax
 
         bank_ds = load_dataset(args.querybank_data, args.querybank_split)
+        if args.max_images:  # "of each split": the bank's too
+            bank_ds = bank_ds.subset(args.max_images)
         bank_feats = load_split_features(bank_ds, model.config, args.cache_dir, args.device, False)
         img, _ = embed_cached(model, feats, device=args.device)
         with torch.no_grad():
@@ -124,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, Any] = evaluate(model, feats, device=args.device, t2i_renorm=renorm)
     if renorm is not None:
         metrics["qbnorm_beta"] = args.beta
+    if args.plot is not None:
+        plot_recall(model, feats, renorm, args)
+        metrics["plot"] = str(args.plot)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     if args.json:
         print(json.dumps(metrics))
     else:
         for key, value in metrics.items():
-            print(f"{key:>20s}  {value:.2f}")
+            shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+            print(f"{key:>20s}  {shown}")
     return 0
 
 
@@ -161,6 +168,23 @@ def _end_to_end(args: argparse.Namespace, model: Any, ds: Any, start: float) -> 
         for key, value in metrics.items():
             print(f"{key:>20s}  {value}")
     return 0
+
+
+def plot_recall(model: Any, feats: Any, renorm: Any, args: argparse.Namespace) -> None:
+    """Recall@K for K = 1..50, text->image raw (and QB-Norm with a bank), image->text raw."""
+    from models.evaluate import rank_i2t, rank_t2i
+    from service.commands.plots import plot_recall_curves
+
+    img, txt = embed_cached(model, feats, device=args.device)
+    sims = similarity_matrix(model, img, txt)  # [n_img, n_cap]
+    c2i = feats.caption_to_image
+    t2i = {"raw": rank_t2i(np.ascontiguousarray(sims.T), c2i)}
+    if renorm is not None:
+        t2i[f"QB-Norm (beta {args.beta:g})"] = rank_t2i(renorm(np.ascontiguousarray(sims.T)), c2i)
+    curves = {"text -> image": t2i, "image -> text": {"raw": rank_i2t(sims, c2i)}}
+    name = getattr(model, "name", None) or getattr(model.config, "name", "model")
+    title = f"{name} on {Path(args.data).name} {args.split} ({feats.num_images} images)"
+    plot_recall_curves(curves, args.plot, title)
 
 
 if __name__ == "__main__":  # pragma: no cover
