@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
 
-from service.app import ServiceState
+from service.state import ServiceState
 
 
 def get_state(request: Request) -> ServiceState:

@@ -284,10 +284,3 @@ class LocalJobStore(_JobStoreBase):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def open_job_store(settings: Any) -> JobStore:
-    """Redis hashes when ``settings.redis_url`` is set, else SQLite under ``data_dir``."""
-    if settings.redis_url:
-        return RedisJobStore(settings.redis_url)
-    return LocalJobStore(Path(settings.data_dir) / "jobs.sqlite3")

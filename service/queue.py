@@ -619,13 +619,6 @@ class LocalQueue:
         return messages
 
 
-def open_queue(settings: Any) -> IngestQueue:
-    """The queue for ``settings``: Redis Streams when ``redis_url`` is set, else SQLite."""
-    if settings.redis_url:
-        return RedisStreamQueue(settings.redis_url)
-    return LocalQueue(Path(settings.data_dir) / "queue.sqlite3")
-
-
 __all__ = [
     "DeadLetter",
     "IngestQueue",
@@ -633,5 +626,4 @@ __all__ = [
     "MediaError",
     "Message",
     "RedisStreamQueue",
-    "open_queue",
 ]

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,48 +51,13 @@ from service.jobs import ItemUpdate, JobStore
 from service.media import DecodedVideo, MediaError, VideoInfo
 from service.queue import IngestQueue, Message
 from service.settings import IngestSettings, Settings, WorkerSettings
+from service.sinks import GallerySink, VectorSink
 
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500  # idle read timeout: how fast an idle worker notices stop()
 VIDEO_FRAME_BUDGET = 1024  # sampled frames decoded (held in memory) at once, across videos
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # PIL and FFmpeg decode outside the GIL
-
-
-class VectorSink(Protocol):
-    """Where encoded items go; ``write`` is durable on return."""
-
-    def write(self, records: Mapping[str, Sequence[Record]]) -> Any: ...
-
-    def known_hashes(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        """``id -> (modality, content_hash)`` of the ids already stored."""
-        ...
-
-
-class GallerySink:
-    """Embedded mode: write straight into this process's galleries (modality -> Gallery)."""
-
-    def __init__(self, galleries: Mapping[str, Gallery]) -> None:
-        self.galleries = galleries
-
-    def write(self, records: Mapping[str, Sequence[Record]]) -> None:
-        for modality, recs in records.items():
-            if not recs:
-                continue
-            ids = {r.id for r in recs}
-            for other, g in self.galleries.items():  # an id lives in one modality at a time
-                if other != modality and any(i in g for i in ids):
-                    g.remove([i for i in ids if i in g])
-            self.galleries[modality].upsert(recs)
-
-    def known_hashes(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        out = {}
-        for modality, g in self.galleries.items():
-            for i in ids:
-                rec = g.get(i)
-                if rec is not None:
-                    out[i] = (modality, rec.content_hash)
-        return out
 
 
 @dataclass
@@ -620,11 +585,14 @@ def start_embedded_worker(
     ``queue``/``jobs`` default to the local SQLite ones under ``settings.data_dir`` — pass the
     API's own instances so enqueue wakes the worker at once. Stop it with ``.stop()``.
     """
-    from service.jobs import open_job_store
-    from service.queue import open_queue
+    if queue is None or jobs is None:
+        from service.backends import open_backends
 
-    queue = queue if queue is not None else open_queue(settings)
-    jobs = jobs if jobs is not None else open_job_store(settings)
+        missing = [p for p, v in (("queue", queue), ("jobs", jobs)) if v is None]
+        opened = open_backends(settings, parts=missing)
+        queue = queue if queue is not None else opened.queue
+        jobs = jobs if jobs is not None else opened.jobs
+    assert queue is not None and jobs is not None
     worker = Worker(
         model,
         queue,

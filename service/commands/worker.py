@@ -68,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         sys.stderr.write(f"xmodal worker: invalid settings:\n{exc}\n")
         return 2
-    if settings.redis_url is None:
+    from service.backends import backend_mode
+
+    if backend_mode(settings) != "redis":
         sys.stderr.write(
             "xmodal worker: needs XMODAL_REDIS_URL (in embedded mode `xmodal serve` runs the "
             "worker in-process)\n"
@@ -109,21 +111,17 @@ def build_worker(settings: Any) -> Any:
     """Model, queue, job store and vector-log publisher for a Redis-mode worker."""
     import torch
 
-    from models import create_model
     from models.device import resolve_device
-    from service.jobs import RedisJobStore
-    from service.queue import RedisStreamQueue
-    from service.replication import ReplicationPublisher
+    from service.backends import open_backends
+    from service.lifecycle import load_model
     from service.worker import Worker
 
-    url = settings.redis_url
-    queue = RedisStreamQueue(url)  # fails fast when Redis is unreachable
-    jobs = RedisJobStore(url)
-    publisher = ReplicationPublisher(url)
-    device = resolve_device(settings.model.device)  # None: the GPU when present, else CPU
-    if device.type == "cpu":
+    backends = open_backends(settings, parts=("queue", "jobs", "sink"))  # fails fast
+    queue, jobs, publisher = backends.queue, backends.jobs, backends.sink
+    assert queue is not None and jobs is not None and publisher is not None
+    if resolve_device(settings.model.device).type == "cpu":  # None: the GPU when present
         torch.set_num_threads(max(1, settings.model.threads))
-    model = create_model(settings.model.name, checkpoint=settings.model.checkpoint, device=device)
+    model = load_model(settings)
     model.eval()
     if settings.worker.metrics_port:
         from prometheus_client import start_http_server
@@ -135,6 +133,6 @@ def build_worker(settings: Any) -> Any:
         model.name,
         getattr(model, "device", "cpu"),
         settings.worker.batch_size,
-        queue.stream,
+        getattr(queue, "stream", "?"),
     )
     return Worker(model, queue, jobs, publisher, settings)

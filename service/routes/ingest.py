@@ -114,6 +114,7 @@ async def ingest(body: IngestRequest, state: ReadyState) -> IngestResponse:
 )
 async def get_job(job_id: str, state: ReadyState) -> JobResponse:
     """Per-item state of an ingest job."""
+    assert state.jobs is not None
     job = await state.run(state.jobs.get, job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")

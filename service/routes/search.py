@@ -13,10 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service import media, metrics
-from service.app import ServiceState, maybe_refresh_normalizers
 from service.deps import ReadAccess, ReadyState
 from service.schemas import Modality, SearchRequest, SearchResponse, SearchResult, error_responses
 from service.settings import MODALITIES
+from service.state import ServiceState
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,7 @@ async def _query_vector(
 
 
 def _check_vector(state: ServiceState, vector: Any) -> np.ndarray:
+    assert state.model is not None
     dim, k = state.model.embed_dim, state.model.num_vectors
     try:
         v = np.asarray(vector, dtype=np.float64)
@@ -217,6 +218,7 @@ def _item_vector(state: ServiceState, item_id: str) -> np.ndarray:
         if record is None:
             continue
         vectors = np.asarray(record.vectors, dtype=np.float32)
+        assert state.model is not None
         if state.model.num_vectors > 1:
             return vectors  # [K, D] set: searched as a set
         # one vector per video segment: the item as a whole is their normalised mean
@@ -241,8 +243,6 @@ def _search_targets(
     out: list[tuple[Modality, Any, float, float]] = []
     applied = False
     qbnorm_here = want_qbnorm and query_kind == "text"
-    if qbnorm_here:
-        maybe_refresh_normalizers(state)
     for modality in targets:
         gallery = state.galleries[modality]
         if len(gallery) == 0:
