@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None, *, model: Any = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.xmodal = state
-    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.ingest.max_body_mb * 2**20))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.ingest.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app)
 

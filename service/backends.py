@@ -74,6 +74,7 @@ def open_backends(
         raise ValueError(f"unknown backend parts {sorted(unknown)}")
     mode = backend_mode(settings)
     out = Backends(mode=mode)
+    q = settings.queue
     data_dir = Path(settings.data_dir)
     if mode == "redis":
         from index.querybank import RedisQueryBankStore
@@ -84,9 +85,15 @@ def open_backends(
         url = settings.redis_url
         assert url is not None
         if "queue" in parts:
-            out.queue = RedisStreamQueue(url)  # fails fast when Redis is unreachable
+            out.queue = RedisStreamQueue(  # fails fast when Redis is unreachable
+                url,
+                maxlen=q.stream_maxlen,
+                dead_maxlen=q.dead_maxlen,
+                spill_bytes=q.spill_bytes,
+                blob_ttl_s=q.blob_ttl_s,
+            )
         if "jobs" in parts:
-            out.jobs = RedisJobStore(url)
+            out.jobs = RedisJobStore(url, ttl_s=q.job_ttl_s)
         if "querybank" in parts:
             out.querybank = RedisQueryBankStore(url)
         if "sink" in parts:
@@ -98,9 +105,9 @@ def open_backends(
     from service.sinks import GallerySink
 
     if "queue" in parts:
-        out.queue = LocalQueue(data_dir / "queue.sqlite3")
+        out.queue = LocalQueue(data_dir / "queue.sqlite3", spill_bytes=q.spill_bytes)
     if "jobs" in parts:
-        out.jobs = LocalJobStore(data_dir / "jobs.sqlite3")
+        out.jobs = LocalJobStore(data_dir / "jobs.sqlite3", ttl_s=q.job_ttl_s)
     if "querybank" in parts:
         out.querybank = FileQueryBankStore(data_dir / "querybank")
     if "sink" in parts and galleries is not None:

@@ -19,31 +19,16 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from pydantic import BaseModel
+from service.kinds import ITEM_STATES, TERMINAL_STATES, JobState
+from service.schemas import JobItem, JobResponse
+from service.settings import QueueSettings
 
-ItemState = Literal["queued", "encoding", "indexed", "failed"]
-JobState = Literal["queued", "running", "done", "failed"]
-ITEM_STATES: tuple[str, ...] = ("queued", "encoding", "indexed", "failed")
-TERMINAL: frozenset[str] = frozenset({"indexed", "failed"})
-DEFAULT_JOB_TTL_S = 7 * 24 * 3600
+TERMINAL: frozenset[str] = TERMINAL_STATES
+DEFAULT_JOB_TTL_S = QueueSettings().job_ttl_s  # the number lives in settings
 
-
-class JobItem(BaseModel):
-    """One item of a job."""
-
-    id: str
-    state: ItemState
-    error: str | None = None
-
-
-class JobStatus(BaseModel):
-    """The answer of ``GET /jobs/{job_id}``."""
-
-    job_id: str
-    state: JobState
-    items: list[JobItem]
+JobStatus = JobResponse  # the stores answer with the API's type (service.schemas)
 
 
 class ItemUpdate(NamedTuple):

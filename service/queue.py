@@ -39,13 +39,15 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from service.media import MediaError, decode_base64
+from service.settings import QueueSettings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPILL_BYTES = 32 * 1024  # base64 strings longer than this go to the blob store
-DEFAULT_BLOB_TTL_S = 7 * 24 * 3600
-DEFAULT_MAXLEN = 1_000_000  # safety cap on the stream; acked entries are deleted anyway
-DEFAULT_DEAD_MAXLEN = 100_000
+_DEFAULTS = QueueSettings()  # the numbers live in settings (XMODAL_QUEUE__*)
+DEFAULT_SPILL_BYTES = _DEFAULTS.spill_bytes  # base64 strings longer go to the blob store
+DEFAULT_BLOB_TTL_S = _DEFAULTS.blob_ttl_s
+DEFAULT_MAXLEN = _DEFAULTS.stream_maxlen  # safety cap on the stream; acked entries are deleted
+DEFAULT_DEAD_MAXLEN = _DEFAULTS.dead_maxlen
 
 
 @dataclass

@@ -54,7 +54,7 @@ async def encode_query(
     """Encode the query: ``(vector [D] or [K,D], query kind)``."""
     assert state.encoder is not None
     settings = state.settings.ingest
-    max_bytes = int(settings.max_body_mb * 1024 * 1024)
+    max_bytes = settings.max_body_bytes
     kind = upload[0] if upload is not None else req.query_kind
     try:
         if kind == "text":

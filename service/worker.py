@@ -275,7 +275,7 @@ class Worker:
             text = item.get("text")
             if text is None and item.get("path"):
                 path = media.resolve_media_path(item["path"], self.ingest.media_root)
-                text = media.read_media_file(path, _max_bytes(self.ingest)).decode(
+                text = media.read_media_file(path, self.ingest.max_body_bytes).decode(
                     "utf-8", "replace"
                 )
             cleaned = media.clean_text(text, self.ingest.max_text_chars)
@@ -300,10 +300,10 @@ class Worker:
             data = item["data"]
             if isinstance(data, (bytes, bytearray)):
                 return bytes(data)
-            return media.decode_base64(data, _max_bytes(self.ingest))
+            return media.decode_base64(data, self.ingest.max_body_bytes)
         if item.get("path"):
             path = media.resolve_media_path(item["path"], self.ingest.media_root)
-            return media.read_media_file(path, _max_bytes(self.ingest))
+            return media.read_media_file(path, self.ingest.max_body_bytes)
         raise MediaError("item has no data, path or text", 400)
 
     def _encode(
@@ -522,10 +522,6 @@ def _item_id(m: Message) -> str:
 def _as_2d(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float32)
     return v[None, :] if v.ndim == 1 else v
-
-
-def _max_bytes(settings: IngestSettings) -> int:
-    return int(settings.max_body_mb * 1024 * 1024)
 
 
 def _metrics_encode(modality: str, n: int, seconds: float) -> None:

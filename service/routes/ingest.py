@@ -10,12 +10,10 @@ from fastapi import APIRouter, HTTPException, status
 
 from service import media, metrics
 from service.deps import ReadAccess, ReadyState, WriteAccess
-from service.jobs import JobStatus
 from service.schemas import (
     IngestItem,
     IngestRequest,
     IngestResponse,
-    JobItem,
     JobResponse,
     error_responses,
 )
@@ -33,7 +31,7 @@ def validate_item(item: IngestItem, settings: IngestSettings) -> dict[str, Any]:
     truncated file); videos are probed (container, stream, duration, frame size) and fully
     decoded by the worker. Raises MediaError with the status to answer.
     """
-    max_bytes = int(settings.max_body_mb * 1024 * 1024)
+    max_bytes = settings.max_body_bytes
     payload: dict[str, Any] = {"id": item.id, "modality": item.modality, "metadata": item.metadata}
     if item.modality == "text":
         if item.path is not None:
@@ -118,10 +116,4 @@ async def get_job(job_id: str, state: ReadyState) -> JobResponse:
     job = await state.run(state.jobs.get, job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
-    return _job_response(job_id, job)
-
-
-def _job_response(job_id: str, job: JobStatus) -> JobResponse:
-    """Adapt the job store's JobStatus to the API schema."""
-    items = [JobItem(id=it.id, state=it.state, error=it.error) for it in job.items]
-    return JobResponse(job_id=job_id, state=job.state, items=items)
+    return job  # the job stores answer with the API's JobResponse

@@ -8,18 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from index.querybank import FileQueryBankStore
 from service.state import QUERYBANK_DIRECTION
 from tests.service.test_api_helpers import make_settings, running
-
-
-@pytest.fixture(scope="module")
-def model() -> Any:
-    from models import create_model
-
-    return create_model("tiny-random", pretrained=False)
 
 
 def _bank(n: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from index.gallery import Gallery, GalleryConfig
-from models import create_model
 from service.jobs import JobStore, LocalJobStore, RedisJobStore
 from service.queue import IngestQueue, LocalQueue, RedisStreamQueue
 from service.replication import ReplicaApplier, ReplicationPublisher
@@ -23,11 +22,6 @@ from service.settings import IngestSettings, Settings, WorkerSettings
 from service.worker import BatchReport, GallerySink, Worker, start_embedded_worker
 
 MODALITIES = ("image", "video", "text")
-
-
-@pytest.fixture(scope="module")
-def model() -> Any:
-    return create_model("tiny-random", pretrained=False)
 
 
 @pytest.fixture()
