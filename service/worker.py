@@ -269,42 +269,16 @@ class Worker:
     # ---- steps --------------------------------------------------------------------------
 
     def _decode(self, m: Message) -> _Work:
-        item = m.item
-        modality = item.get("modality")
-        if modality == "text":
-            text = item.get("text")
-            if text is None and item.get("path"):
-                path = media.resolve_media_path(item["path"], self.ingest.media_root)
-                text = media.read_media_file(path, self.ingest.max_body_bytes).decode(
-                    "utf-8", "replace"
-                )
-            cleaned = media.clean_text(text, self.ingest.max_text_chars)
-            return _Work(m, "text", cleaned, media.content_hash(cleaned))
-        if modality not in ("image", "video"):
-            raise MediaError(f"unknown modality {modality!r}", 422)
-        raw = self._raw_bytes(item)
-        digest = media.content_hash(raw)
+        resolved = media.resolve_item(m.item, self.ingest)  # the route hashes the same way
+        if resolved.text is not None:
+            return _Work(m, "text", resolved.text, resolved.content_hash)
+        assert resolved.raw is not None
         content: Any
-        if modality == "image":
-            content = media.load_image(raw, self.ingest)
+        if resolved.modality == "image":
+            content = media.load_image(resolved.raw, self.ingest)
         else:  # checked now, decoded at encode time (see _encode)
-            content = _PendingVideo(raw, media.probe_video(raw, self.ingest))
-        return _Work(m, modality, content, digest)
-
-    def _raw_bytes(self, item: dict[str, Any]) -> bytes:
-        if item.get("blob_missing"):
-            raise MediaError("the item's payload expired before it was processed", 400)
-        if item.get("content") is not None:
-            return bytes(item["content"])
-        if item.get("data") is not None:
-            data = item["data"]
-            if isinstance(data, (bytes, bytearray)):
-                return bytes(data)
-            return media.decode_base64(data, self.ingest.max_body_bytes)
-        if item.get("path"):
-            path = media.resolve_media_path(item["path"], self.ingest.media_root)
-            return media.read_media_file(path, self.ingest.max_body_bytes)
-        raise MediaError("item has no data, path or text", 400)
+            content = _PendingVideo(resolved.raw, media.probe_video(resolved.raw, self.ingest))
+        return _Work(m, resolved.modality, content, resolved.content_hash)
 
     def _encode(
         self,

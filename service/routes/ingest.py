@@ -31,31 +31,24 @@ def validate_item(item: IngestItem, settings: IngestSettings) -> dict[str, Any]:
     truncated file); videos are probed (container, stream, duration, frame size) and fully
     decoded by the worker. Raises MediaError with the status to answer.
     """
-    max_bytes = settings.max_body_bytes
+    resolved = media.resolve_item(
+        {"modality": item.modality, "text": item.text, "data": item.data, "path": item.path},
+        settings,
+    )
     payload: dict[str, Any] = {"id": item.id, "modality": item.modality, "metadata": item.metadata}
-    if item.modality == "text":
-        if item.path is not None:
-            resolved = media.resolve_media_path(item.path, settings.media_root)
-            raw_text = media.read_media_file(resolved, max_bytes).decode("utf-8", "replace")
-            payload["path"] = str(resolved)
-        else:
-            raw_text = item.text or ""
-        payload["text"] = media.clean_text(raw_text, settings.max_text_chars)
-        payload.pop("path", None)
-        payload["content_hash"] = media.content_hash(payload["text"])
-        return payload
-    if item.path is not None:
-        resolved = media.resolve_media_path(item.path, settings.media_root)
-        raw = media.read_media_file(resolved, max_bytes)
-        payload["path"] = str(resolved)
+    if resolved.text is not None:
+        payload["text"] = resolved.text
+    elif resolved.path is not None:
+        payload["path"] = str(resolved.path)
     else:
-        raw = media.decode_base64(item.data or "", max_bytes)
         payload["data"] = item.data
-    if item.modality == "image":
-        media.load_image(raw, settings).close()
-    else:
-        media.probe_video(raw, settings)
-    payload["content_hash"] = media.content_hash(raw)
+    if resolved.modality == "image":
+        assert resolved.raw is not None
+        media.load_image(resolved.raw, settings).close()
+    elif resolved.modality == "video":
+        assert resolved.raw is not None
+        media.probe_video(resolved.raw, settings)
+    payload["content_hash"] = resolved.content_hash
     return payload
 
 
