@@ -33,7 +33,7 @@ BACKEND_PARTS = ("queue", "jobs", "querybank", "sink")
 
 def backend_mode(settings: Settings) -> Mode:
     """Redis mode when ``XMODAL_REDIS_URL`` is set, else embedded."""
-    return "redis" if settings.redis_url else "embedded"
+    return "embedded" if settings.embedded else "redis"
 
 
 @dataclass

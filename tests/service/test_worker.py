@@ -16,12 +16,11 @@ from PIL import Image
 
 from index.gallery import Gallery, GalleryConfig
 from service.jobs import JobStore, LocalJobStore, RedisJobStore
+from service.kinds import MODALITIES
 from service.queue import IngestQueue, LocalQueue, RedisStreamQueue
 from service.replication import ReplicaApplier, ReplicationPublisher
 from service.settings import IngestSettings, Settings, WorkerSettings
 from service.worker import BatchReport, GallerySink, Worker, start_embedded_worker
-
-MODALITIES = ("image", "video", "text")
 
 
 @pytest.fixture()
