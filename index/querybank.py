@@ -266,7 +266,18 @@ class FileQueryBankStore(QueryBankStore):
     def get(self, model: str, direction: str) -> QueryBank | None:
         return self._load(model, direction)[0]
 
+    def _marker(self, model: str, direction: str) -> Path:
+        return self.dir / f"{_safe(model)}.{direction}.version"
+
     def version(self, model: str, direction: str) -> int:
+        """From the small version marker written after each ``.npz`` (a stat and a tiny read,
+        not the bank); falls back to the ``.npz`` when the marker is missing or older."""
+        try:
+            marker = self._marker(model, direction)
+            if marker.stat().st_mtime_ns >= self._path(model, direction).stat().st_mtime_ns:
+                return int(marker.read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            pass
         return self._load(model, direction)[1]
 
     def _save(
@@ -285,6 +296,8 @@ class FileQueryBankStore(QueryBankStore):
             meta["deleted"] = True
         np.savez(buf, vectors=v, texts=np.array(json.dumps(t)), meta=np.array(json.dumps(meta)))
         atomic_write_bytes(self._path(model, direction), buf.getvalue(), fsync=self.fsync)
+        marker = str(version).encode("ascii")  # after the bank: never names a missing version
+        atomic_write_bytes(self._marker(model, direction), marker, fsync=self.fsync)
 
     def replace(self, model: str, direction: str, vectors: np.ndarray, texts: Sequence[str]) -> int:
         v = _check(model, direction, vectors, texts)

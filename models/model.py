@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BACKBONE_PREFIXES", "MaskedPool", "Projection", "SetHead", "XModal"]
 
+
 class EncoderRuntime(Protocol):
     """A faster inference engine for the full encoders (`models.runtime`): same inputs and
     outputs as `XModal.encode_image` / `encode_text` with normalisation, CPU tensors."""

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.app import ServiceState
+from service.state import ServiceState
 
 
 def get_state(request: Request) -> ServiceState:

@@ -19,31 +19,17 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from pydantic import BaseModel
+from service.kinds import ITEM_STATES, TERMINAL_STATES, JobState
+from service.schemas import JobItem, JobResponse
+from service.settings import QueueSettings
+from service.sqlite import immediate
 
-ItemState = Literal["queued", "encoding", "indexed", "failed"]
-JobState = Literal["queued", "running", "done", "failed"]
-ITEM_STATES: tuple[str, ...] = ("queued", "encoding", "indexed", "failed")
-TERMINAL: frozenset[str] = frozenset({"indexed", "failed"})
-DEFAULT_JOB_TTL_S = 7 * 24 * 3600
+TERMINAL: frozenset[str] = TERMINAL_STATES
+DEFAULT_JOB_TTL_S = QueueSettings().job_ttl_s  # the number lives in settings
 
-
-class JobItem(BaseModel):
-    """One item of a job."""
-
-    id: str
-    state: ItemState
-    error: str | None = None
-
-
-class JobStatus(BaseModel):
-    """The answer of ``GET /jobs/{job_id}``."""
-
-    job_id: str
-    state: JobState
-    items: list[JobItem]
+JobStatus = JobResponse  # the stores answer with the API's type (service.schemas)
 
 
 class ItemUpdate(NamedTuple):
@@ -235,52 +221,38 @@ class LocalJobStore(_JobStoreBase):
 
     def create(self, job_id: str, item_ids: Sequence[str]) -> None:
         now = time.time()
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                expired = now - self.ttl_s
-                cur.execute(
-                    "DELETE FROM job_items WHERE job_id IN "
-                    "(SELECT job_id FROM jobs WHERE created_at < ?)",
-                    (expired,),
-                )
-                cur.execute("DELETE FROM jobs WHERE created_at < ?", (expired,))
-                cur.execute("DELETE FROM job_items WHERE job_id = ?", (job_id,))
-                cur.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (job_id, now))
-                cur.executemany(
-                    "INSERT OR REPLACE INTO job_items VALUES (?, ?, ?, 'queued', NULL)",
-                    [(job_id, i, item_id) for i, item_id in enumerate(item_ids)],
-                )
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._lock, immediate(self._db) as cur:
+            expired = now - self.ttl_s
+            cur.execute(
+                "DELETE FROM job_items WHERE job_id IN "
+                "(SELECT job_id FROM jobs WHERE created_at < ?)",
+                (expired,),
+            )
+            cur.execute("DELETE FROM jobs WHERE created_at < ?", (expired,))
+            cur.execute("DELETE FROM job_items WHERE job_id = ?", (job_id,))
+            cur.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (job_id, now))
+            cur.executemany(
+                "INSERT OR REPLACE INTO job_items VALUES (?, ?, ?, 'queued', NULL)",
+                [(job_id, i, item_id) for i, item_id in enumerate(item_ids)],
+            )
 
     def _write_states(self, updates: list[ItemUpdate]) -> None:
         sticky = "('indexed', 'failed')"
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.executemany(
-                    "UPDATE job_items SET state = ?, error = ? WHERE job_id = ? AND item_id = ? "
-                    f"AND (state NOT IN {sticky} OR ? IN {sticky})",
-                    [
-                        (
-                            u.state,
-                            (u.error or None) and u.error[:2000],
-                            u.job_id,
-                            u.item_id,
-                            u.state,
-                        )
-                        for u in updates
-                    ],
-                )
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._lock, immediate(self._db) as cur:
+            cur.executemany(
+                "UPDATE job_items SET state = ?, error = ? WHERE job_id = ? AND item_id = ? "
+                f"AND (state NOT IN {sticky} OR ? IN {sticky})",
+                [
+                    (
+                        u.state,
+                        (u.error or None) and u.error[:2000],
+                        u.job_id,
+                        u.item_id,
+                        u.state,
+                    )
+                    for u in updates
+                ],
+            )
 
     def get(self, job_id: str) -> JobStatus | None:
         with self._lock:
@@ -308,10 +280,3 @@ class LocalJobStore(_JobStoreBase):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def open_job_store(settings: Any) -> JobStore:
-    """Redis hashes when ``settings.redis_url`` is set, else SQLite under ``data_dir``."""
-    if settings.redis_url:
-        return RedisJobStore(settings.redis_url)
-    return LocalJobStore(Path(settings.data_dir) / "jobs.sqlite3")

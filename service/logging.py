@@ -16,6 +16,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -100,12 +101,18 @@ def _route_template(scope: Scope) -> str:
     return path if isinstance(path, str) else "<unmatched>"
 
 
+ErrorResponder = Callable[[Exception, Scope, str], ASGIApp]
+
+
 class RequestContextMiddleware:
     """Pure ASGI middleware: request id, access log, request metrics, and the answer to an
     exception no handler took (500, or 503 for a storage outage; see service/middleware.py)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_error: ErrorResponder | None = None) -> None:
         self.app = app
+        # builds the answer to an unhandled exception (service.middleware.unhandled_response,
+        # passed in by create_app, so this lower module does not import it); None = re-raise
+        self.on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -139,13 +146,11 @@ class RequestContextMiddleware:
             try:
                 await self.app(scope, receive, send_wrapper)
             except Exception as exc:
-                if started:  # too late to answer: the client sees a cut-off response
+                if started or self.on_error is None:  # too late to answer: a cut-off response
                     raise
                 # Answered here, in the request's context: its own id, and no re-raise, so
                 # the server keeps the keep-alive connection (service/middleware.py).
-                from service.middleware import unhandled_response
-
-                response = unhandled_response(exc, scope, request_id)
+                response = self.on_error(exc, scope, request_id)
                 await response(scope, receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - start

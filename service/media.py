@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -474,3 +474,48 @@ def clean_text(text: Any, max_chars: int) -> str:
     if len(cleaned) > max_chars:
         raise MediaError(f"text is {len(cleaned)} characters, over the {max_chars} cap", 422)
     return cleaned
+
+
+@dataclass(frozen=True)
+class ResolvedItem:
+    """An ingested item's content, read once: the cleaned text or the raw media bytes."""
+
+    modality: str
+    text: str | None  # text items: the cleaned text
+    raw: bytes | None  # image and video items: the media bytes
+    path: Path | None  # the resolved file under the media root, when the item gave a path
+    content_hash: str  # sha256 of the cleaned text (UTF-8) or of the raw bytes
+
+
+def resolve_item(item: Mapping[str, Any], settings: IngestSettings) -> ResolvedItem:
+    """Resolve an ingest item (``modality`` plus ``text``, ``data``, ``path``, or a queue's
+    spilled ``content``) into its content and content hash. ``POST /ingest`` (to validate and
+    queue) and the worker (to encode and skip unchanged content) both use it, so both hash the
+    same thing. Raises :class:`MediaError` with the status to answer."""
+    max_bytes = settings.max_body_bytes
+    modality = item.get("modality")
+    path: Path | None = None
+    if modality == "text":
+        text = item.get("text")
+        if text is None and item.get("path"):
+            path = resolve_media_path(item["path"], settings.media_root)
+            text = read_media_file(path, max_bytes).decode("utf-8", "replace")
+        cleaned = clean_text(text, settings.max_text_chars)
+        return ResolvedItem("text", cleaned, None, path, content_hash(cleaned))
+    if modality not in ("image", "video"):
+        raise MediaError(f"unknown modality {modality!r}", 422)
+    if item.get("blob_missing"):
+        raise MediaError("the item's payload expired before it was processed", 400)
+    if item.get("content") is not None:
+        raw = bytes(item["content"])
+    elif item.get("data") is not None:
+        data = item["data"]
+        raw = (
+            bytes(data) if isinstance(data, (bytes, bytearray)) else decode_base64(data, max_bytes)
+        )
+    elif item.get("path"):
+        path = resolve_media_path(item["path"], settings.media_root)
+        raw = read_media_file(path, max_bytes)
+    else:
+        raise MediaError("item has no data, path or text", 400)
+    return ResolvedItem(str(modality), None, raw, path, content_hash(raw))

@@ -25,6 +25,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import metrics
+from service.logging import request_id_var
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,6 @@ def unhandled_response(exc: Exception, scope: Scope, request_id: str) -> JSONRes
 
 
 def _error(scope: Scope, status: int, message: str, headers: dict[str, str]) -> JSONResponse:
-    from service.logging import request_id_var
 
     metrics.ERRORS.labels(_route(scope), str(status)).inc()
     body = {"error": message, "detail": None, "request_id": request_id_var.get()}

@@ -44,13 +44,16 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from service.media import MediaError, decode_base64
+from service.settings import QueueSettings
+from service.sqlite import immediate
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPILL_BYTES = 32 * 1024  # base64 strings longer than this go to the blob store
-DEFAULT_BLOB_TTL_S = 7 * 24 * 3600
-DEFAULT_MAXLEN = 1_000_000  # safety cap on the stream; acked entries are deleted anyway
-DEFAULT_DEAD_MAXLEN = 100_000
+_DEFAULTS = QueueSettings()  # the numbers live in settings (XMODAL_QUEUE__*)
+DEFAULT_SPILL_BYTES = _DEFAULTS.spill_bytes  # base64 strings longer go to the blob store
+DEFAULT_BLOB_TTL_S = _DEFAULTS.blob_ttl_s
+DEFAULT_MAXLEN = _DEFAULTS.stream_maxlen  # safety cap on the stream; acked entries are deleted
+DEFAULT_DEAD_MAXLEN = _DEFAULTS.dead_maxlen
 
 
 @dataclass
@@ -565,9 +568,7 @@ class LocalQueue:
         now = time.time()
         ids = []
         with self._arrived:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._db) as cur:
                 for entry, blob in prepared:
                     blob_id = None
                     if blob is not None:
@@ -579,10 +580,6 @@ class LocalQueue:
                         (job_id, _dumps(entry), blob_id, now),
                     )
                     ids.append(str(cur.lastrowid))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
             self._arrived.notify_all()
         return ids
 
@@ -608,20 +605,13 @@ class LocalQueue:
         if not ids:
             return
         marks = ",".join("?" * len(ids))
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.execute(
-                    f"DELETE FROM blobs WHERE id IN "
-                    f"(SELECT blob_id FROM messages WHERE id IN ({marks}))",
-                    ids,
-                )
-                cur.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._lock, immediate(self._db) as cur:
+            cur.execute(
+                f"DELETE FROM blobs WHERE id IN "
+                f"(SELECT blob_id FROM messages WHERE id IN ({marks}))",
+                ids,
+            )
+            cur.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)
 
     def nack(self, message: Message, error: str) -> None:
         with self._lock:
@@ -665,32 +655,25 @@ class LocalQueue:
 
     def dead_letter(self, message: Message, error: str) -> None:
         item = {k: v for k, v in message.item.items() if k not in ("content", "data")}
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.execute(
-                    "INSERT INTO dead_letters (message_id, job_id, item, error, deliveries, at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        message.id,
-                        message.job_id,
-                        _dumps(item),
-                        error[:2000],
-                        message.deliveries,
-                        time.time(),
-                    ),
-                )
-                # The blob is dropped with the message: there is no TTL to reap it later.
-                cur.execute(
-                    "DELETE FROM blobs WHERE id = (SELECT blob_id FROM messages WHERE id = ?)",
-                    (int(message.id),),
-                )
-                cur.execute("DELETE FROM messages WHERE id = ?", (int(message.id),))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._lock, immediate(self._db) as cur:
+            cur.execute(
+                "INSERT INTO dead_letters (message_id, job_id, item, error, deliveries, at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    message.id,
+                    message.job_id,
+                    _dumps(item),
+                    error[:2000],
+                    message.deliveries,
+                    time.time(),
+                ),
+            )
+            # The blob is dropped with the message: there is no TTL to reap it later.
+            cur.execute(
+                "DELETE FROM blobs WHERE id = (SELECT blob_id FROM messages WHERE id = ?)",
+                (int(message.id),),
+            )
+            cur.execute("DELETE FROM messages WHERE id = ?", (int(message.id),))
         _log_dead_letter(message, error)
 
     def depth(self) -> int:
@@ -753,12 +736,9 @@ class LocalQueue:
 
     def _claim(self, consumer: str, select: str, params: tuple[Any, ...]) -> list[Message]:
         """Assign the selected messages to ``consumer`` in one transaction (lock held)."""
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._db) as cur:
             ids = [r[0] for r in cur.execute(select, params).fetchall()]
             if not ids:
-                cur.execute("COMMIT")
                 return []
             marks = ",".join("?" * len(ids))
             cur.execute(
@@ -772,10 +752,6 @@ class LocalQueue:
                 f"WHERE m.id IN ({marks}) ORDER BY m.id",
                 ids,
             ).fetchall()
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
         messages = []
         for mid, job_id, item_json, deliveries, last_error, at, blob_id, data, solo in rows:
             item = json.loads(item_json)
@@ -798,13 +774,6 @@ class LocalQueue:
         return messages
 
 
-def open_queue(settings: Any) -> IngestQueue:
-    """The queue for ``settings``: Redis Streams when ``redis_url`` is set, else SQLite."""
-    if settings.redis_url:
-        return RedisStreamQueue(settings.redis_url)
-    return LocalQueue(Path(settings.data_dir) / "queue.sqlite3")
-
-
 __all__ = [
     "DeadLetter",
     "IngestQueue",
@@ -812,5 +781,4 @@ __all__ = [
     "MediaError",
     "Message",
     "RedisStreamQueue",
-    "open_queue",
 ]

@@ -7,15 +7,15 @@ in the routes, where the settings are at hand.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.kinds import ItemState, JobState, Modality
 from service.text_checks import check_encodable, check_text
 
-Modality = Literal["image", "video", "text"]
-ItemState = Literal["queued", "encoding", "indexed", "failed"]
-JobState = Literal["queued", "running", "done", "failed"]
+# A query or item text: refused (422) when it has lone surrogates or nothing visible.
+CheckedText = Annotated[str, AfterValidator(check_text)]
 FilterValue = str | int | float | bool | None
 
 # Ids are keys in the index, the queue, Redis and URLs (/items/{id}): no slashes, no spaces.
@@ -49,7 +49,7 @@ class SearchRequest(_Request):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_one_query_schema)
 
-    text: str | None = Field(None, description="a text query")
+    text: CheckedText | None = Field(None, description="a text query")
     image: str | None = Field(None, description="a base64-encoded image (JPEG, PNG, WebP...)")
     video: str | None = Field(None, description="a base64-encoded video (MP4, WebM...)")
     vector: list[float] | list[list[float]] | None = Field(
@@ -75,11 +75,6 @@ class SearchRequest(_Request):
     filter: dict[str, FilterValue] = Field(
         default_factory=dict, description="equality filter on item metadata"
     )
-
-    @field_validator("text")
-    @classmethod
-    def _valid_text(cls, text: str | None) -> str | None:
-        return None if text is None else check_text(text)
 
     @field_validator("filter")
     @classmethod
@@ -192,14 +187,9 @@ class IngestItem(_Request):
     id: str = Field(pattern=ITEM_ID_PATTERN, description="stable id; re-ingesting replaces")
     modality: Modality
     data: str | None = Field(None, description="base64 media bytes (image, video)")
-    text: str | None = Field(None, description="the text of a text item")
+    text: CheckedText | None = Field(None, description="the text of a text item")
     path: str | None = Field(None, description="a file under the server's media root")
     metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("text")
-    @classmethod
-    def _valid_text(cls, text: str | None) -> str | None:
-        return None if text is None else check_text(text)
 
     @field_validator("metadata")
     @classmethod

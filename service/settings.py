@@ -16,9 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index.gallery import GalleryConfig
 from index.qbnorm import QBNormConfig
+from service.kinds import MODALITIES, Modality
 
-Modality = Literal["image", "video", "text"]
-MODALITIES: tuple[Modality, ...] = ("image", "video", "text")
+__all__ = ["MODALITIES", "Modality"]  # re-exported: many modules take them from here
 
 
 class ModelSettings(BaseModel):
@@ -52,6 +52,11 @@ class IngestSettings(BaseModel):
     video_frames_per_segment: int = Field(4, ge=1)
     max_queue_depth: int = Field(1_000_000, ge=0)  # ingest backlog cap (0 = none); beyond: 429
 
+    @property
+    def max_body_bytes(self) -> int:
+        """``max_body_mb`` in bytes: the one conversion (body limit, base64 media, files)."""
+        return int(self.max_body_mb * 2**20)
+
 
 class WorkerSettings(BaseModel):
     """The ingestion worker: dynamic batching and delivery guarantees."""
@@ -75,6 +80,16 @@ class ThumbnailSettings(BaseModel):
     enabled: bool = True
     size: int = Field(256, ge=16, le=2048)  # longer side of a thumbnail, pixels
     quality: int = Field(80, ge=1, le=95)  # JPEG quality
+
+
+class QueueSettings(BaseModel):
+    """The ingest queue and job store (Redis Streams / SQLite): sizes and lifetimes."""
+
+    spill_bytes: int = Field(32 * 1024, ge=0)  # base64 strings longer go to the blob store
+    blob_ttl_s: int = Field(7 * 24 * 3600, ge=1)  # spilled payloads expire after this (Redis)
+    stream_maxlen: int = Field(1_000_000, ge=1)  # safety cap on the stream (acked are deleted)
+    dead_maxlen: int = Field(100_000, ge=1)  # dead-letter stream cap
+    job_ttl_s: int = Field(7 * 24 * 3600, ge=1)  # job status kept this long after its last change
 
 
 class AuthSettings(BaseModel):
@@ -103,6 +118,7 @@ class Settings(BaseSettings):
     qbnorm: QBNormConfig = Field(default_factory=QBNormConfig)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     thumbnails: ThumbnailSettings = Field(default_factory=ThumbnailSettings)
 

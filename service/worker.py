@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from service.jobs import ItemUpdate, JobStore
 from service.media import DecodedVideo, MediaError, VideoInfo
 from service.queue import IngestQueue, Message
 from service.settings import IngestSettings, Settings, WorkerSettings
+from service.sinks import GallerySink, VectorSink
 from service.thumbnails import ThumbnailWriter
 
 logger = logging.getLogger(__name__)
@@ -63,42 +64,6 @@ logger = logging.getLogger(__name__)
 READ_BLOCK_MS = 500  # idle read timeout: how fast an idle worker notices stop()
 VIDEO_FRAME_BUDGET = 1024  # sampled frames decoded (held in memory) at once, across videos
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # PIL and FFmpeg decode outside the GIL
-
-
-class VectorSink(Protocol):
-    """Where encoded items go; ``write`` is durable on return."""
-
-    def write(self, records: Mapping[str, Sequence[Record]]) -> Any: ...
-
-    def known_hashes(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        """``id -> (modality, content_hash)`` of the ids already stored."""
-        ...
-
-
-class GallerySink:
-    """Embedded mode: write straight into this process's galleries (modality -> Gallery)."""
-
-    def __init__(self, galleries: Mapping[str, Gallery]) -> None:
-        self.galleries = galleries
-
-    def write(self, records: Mapping[str, Sequence[Record]]) -> None:
-        for modality, recs in records.items():
-            if not recs:
-                continue
-            ids = {r.id for r in recs}
-            for other, g in self.galleries.items():  # an id lives in one modality at a time
-                if other != modality and any(i in g for i in ids):
-                    g.remove([i for i in ids if i in g])
-            self.galleries[modality].upsert(recs)
-
-    def known_hashes(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        out = {}
-        for modality, g in self.galleries.items():
-            for i in ids:
-                rec = g.get(i)
-                if rec is not None:
-                    out[i] = (modality, rec.content_hash)
-        return out
 
 
 @dataclass
@@ -360,42 +325,16 @@ class Worker:
     # ---- steps --------------------------------------------------------------------------
 
     def _decode(self, m: Message) -> _Work:
-        item = m.item
-        modality = item.get("modality")
-        if modality == "text":
-            text = item.get("text")
-            if text is None and item.get("path"):
-                path = media.resolve_media_path(item["path"], self.ingest.media_root)
-                text = media.read_media_file(path, _max_bytes(self.ingest)).decode(
-                    "utf-8", "replace"
-                )
-            cleaned = media.clean_text(text, self.ingest.max_text_chars)
-            return _Work(m, "text", cleaned, media.content_hash(cleaned))
-        if modality not in ("image", "video"):
-            raise MediaError(f"unknown modality {modality!r}", 422)
-        raw = self._raw_bytes(item)
-        digest = media.content_hash(raw)
+        resolved = media.resolve_item(m.item, self.ingest)  # the route hashes the same way
+        if resolved.text is not None:
+            return _Work(m, "text", resolved.text, resolved.content_hash)
+        assert resolved.raw is not None
         content: Any
-        if modality == "image":
-            content = media.load_image(raw, self.ingest)
+        if resolved.modality == "image":
+            content = media.load_image(resolved.raw, self.ingest)
         else:  # checked now, decoded at encode time (see _encode)
-            content = _PendingVideo(raw, media.probe_video(raw, self.ingest))
-        return _Work(m, modality, content, digest)
-
-    def _raw_bytes(self, item: dict[str, Any]) -> bytes:
-        if item.get("blob_missing"):
-            raise MediaError("the item's payload expired before it was processed", 400)
-        if item.get("content") is not None:
-            return bytes(item["content"])
-        if item.get("data") is not None:
-            data = item["data"]
-            if isinstance(data, (bytes, bytearray)):
-                return bytes(data)
-            return media.decode_base64(data, _max_bytes(self.ingest))
-        if item.get("path"):
-            path = media.resolve_media_path(item["path"], self.ingest.media_root)
-            return media.read_media_file(path, _max_bytes(self.ingest))
-        raise MediaError("item has no data, path or text", 400)
+            content = _PendingVideo(resolved.raw, media.probe_video(resolved.raw, self.ingest))
+        return _Work(m, resolved.modality, content, resolved.content_hash)
 
     def _encode(
         self,
@@ -627,10 +566,6 @@ def _as_2d(v: np.ndarray) -> np.ndarray:
     return v[None, :] if v.ndim == 1 else v
 
 
-def _max_bytes(settings: IngestSettings) -> int:
-    return int(settings.max_body_mb * 1024 * 1024)
-
-
 def _metrics_encode(modality: str, n: int, seconds: float) -> None:
     from service import metrics
 
@@ -688,11 +623,14 @@ def start_embedded_worker(
     ``queue``/``jobs`` default to the local SQLite ones under ``settings.data_dir`` — pass the
     API's own instances so enqueue wakes the worker at once. Stop it with ``.stop()``.
     """
-    from service.jobs import open_job_store
-    from service.queue import open_queue
+    if queue is None or jobs is None:
+        from service.backends import open_backends
 
-    queue = queue if queue is not None else open_queue(settings)
-    jobs = jobs if jobs is not None else open_job_store(settings)
+        missing = [p for p, v in (("queue", queue), ("jobs", jobs)) if v is None]
+        opened = open_backends(settings, parts=missing)
+        queue = queue if queue is not None else opened.queue
+        jobs = jobs if jobs is not None else opened.jobs
+    assert queue is not None and jobs is not None
     worker = Worker(
         model,
         queue,

@@ -150,6 +150,5 @@ def test_no_import_cycle_in_index() -> None:
     assert _cycles("index") == []
 
 
-@pytest.mark.xfail(strict=True, reason="service/app.py split pending (issue 16)")
 def test_no_import_cycle_in_service() -> None:
     assert _cycles("service") == []

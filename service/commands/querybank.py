@@ -81,14 +81,21 @@ def _settings(args: argparse.Namespace) -> Any:
     return Settings(**overrides)
 
 
+def _store(settings: Any) -> Any:
+    """The querybank store of the configured mode (the one the service reads)."""
+    from service.backends import open_backends
+
+    return open_backends(settings, parts=("querybank",)).querybank
+
+
 def build(args: argparse.Namespace) -> int:
-    from index.querybank import open_querybank_store
-    from service.app import QUERYBANK_DIRECTION
-    from service.loading import load_serving_model
+    from service.backends import backend_mode
+    from service.lifecycle import load_model
+    from service.state import QUERYBANK_DIRECTION
 
     settings = _settings(args)
     texts = read_captions(args.data, args.split, args.limit)
-    model = load_serving_model(settings.model)
+    model = load_model(settings)
     logger.info("encoding %d %s captions with %s", len(texts), args.split, model.name)
     t0 = time.perf_counter()
     parts = [
@@ -97,7 +104,7 @@ def build(args: argparse.Namespace) -> int:
     ]
     vectors = np.concatenate(parts, axis=0)
     elapsed = time.perf_counter() - t0
-    store = open_querybank_store(settings.redis_url, Path(settings.data_dir))
+    store = _store(settings)
     if args.append:
         store.append(model.name, QUERYBANK_DIRECTION, vectors, texts)
     else:
@@ -110,18 +117,17 @@ def build(args: argparse.Namespace) -> int:
         "size": len(bank) if bank is not None else 0,
         "version": getattr(bank, "version", None),
         "encode_s": round(elapsed, 2),
-        "store": "redis" if settings.redis_url else str(settings.data_dir),
+        "store": "redis" if backend_mode(settings) == "redis" else str(settings.data_dir),
     }
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
 
 
 def info(args: argparse.Namespace) -> int:
-    from index.querybank import open_querybank_store
-    from service.app import QUERYBANK_DIRECTION
+    from service.state import QUERYBANK_DIRECTION
 
     settings = _settings(args)
-    store = open_querybank_store(settings.redis_url, Path(settings.data_dir))
+    store = _store(settings)
     name = settings.model.name
     if name is None:
         from models import create_model

@@ -51,10 +51,11 @@ def main(argv: Sequence[str]) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.backends import backend_mode
     from service.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
-    mode = "redis" if settings.redis_url else "embedded"
+    mode = backend_mode(settings)
     logger.info(
         "starting xmodal API on %s:%d (%s mode, data dir %s)",
         settings.host,

@@ -1,9 +1,9 @@
 """``xmodal train``: train the heads of a named model on cached backbone features.
 
-Example (the shipped default, Flickr8k)::
+Example (the shipped default, ``models.DEFAULT_MODEL``, on Flickr8k)::
 
-    xmodal train --model effnet-lite0-minilm-gpo --data ../shared/data/flickr8k \
-        --out runs/lite0-gpo --epochs 12
+    xmodal train --model effnet-lite0-minilm-max-tuned --data ../shared/data/flickr8k \
+        --out runs/lite0-max-tuned --epochs 12
 
 Flags map one to one onto `models.train.TrainConfig`; ``--config FILE`` reads a JSON
 TrainConfig first (flags given on the command line override it).

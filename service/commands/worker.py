@@ -68,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         sys.stderr.write(f"xmodal worker: invalid settings:\n{exc}\n")
         return 2
-    if settings.redis_url is None:
+    from service.backends import backend_mode
+
+    if backend_mode(settings) != "redis":
         sys.stderr.write(
             "xmodal worker: needs XMODAL_REDIS_URL (in embedded mode `xmodal serve` runs the "
             "worker in-process)\n"
@@ -114,20 +116,17 @@ def build_worker(settings: Any) -> Any:
     import torch
 
     from models.device import resolve_device
-    from service.jobs import RedisJobStore
-    from service.loading import load_serving_model
-    from service.queue import RedisStreamQueue
-    from service.replication import ReplicationPublisher
+    from service.backends import open_backends
+    from service.lifecycle import load_model
     from service.worker import Worker
 
-    url = settings.redis_url
-    queue = RedisStreamQueue(url)  # fails fast when Redis is unreachable
-    jobs = RedisJobStore(url)
-    publisher = ReplicationPublisher(url)
-    device = resolve_device(settings.model.device)  # None: the GPU when present, else CPU
-    if device.type == "cpu":
+    backends = open_backends(settings, parts=("queue", "jobs", "sink"))  # fails fast
+    queue, jobs, publisher = backends.queue, backends.jobs, backends.sink
+    assert queue is not None and jobs is not None and publisher is not None
+    if resolve_device(settings.model.device).type == "cpu":  # None: the GPU when present
         torch.set_num_threads(max(1, settings.model.threads))
-    model = load_serving_model(settings.model, device=str(device))
+    model = load_model(settings)
+    model.eval()
     if settings.worker.metrics_port:
         from service.metrics import start_worker_server
 
@@ -138,6 +137,6 @@ def build_worker(settings: Any) -> Any:
         model.name,
         getattr(model, "device", "cpu"),
         settings.worker.batch_size,
-        queue.stream,
+        getattr(queue, "stream", "?"),
     )
     return Worker(model, queue, jobs, publisher, settings)

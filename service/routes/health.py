@@ -7,9 +7,10 @@ import logging
 from fastapi import APIRouter, Response, status
 
 from service import metrics, monitoring
-from service.app import QUERYBANK_DIRECTION, ServiceState
+from service.backends import backend_mode
 from service.deps import MetricsAccess, State
 from service.schemas import HealthResponse, ReadyResponse
+from service.state import QUERYBANK_DIRECTION, ServiceState
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def readiness(state: ServiceState) -> ReadyResponse:
         "model": state.model is not None,
         "index": bool(state.galleries) and state.ready,
     }
-    if state.settings.redis_url is not None:
+    if backend_mode(state.settings) == "redis":
         ok = False
         if state.redis is not None:
             try:

@@ -11,12 +11,10 @@ from fastapi import APIRouter, HTTPException, status
 from service import media, metrics, monitoring
 from service.deps import ReadAccess, ReadyState, WriteAccess
 from service.heartbeat import waiting_hint
-from service.jobs import JobStatus
 from service.schemas import (
     IngestItem,
     IngestRequest,
     IngestResponse,
-    JobItem,
     JobResponse,
     error_responses,
 )
@@ -34,31 +32,24 @@ def validate_item(item: IngestItem, settings: IngestSettings) -> dict[str, Any]:
     truncated file); videos are probed (container, stream, duration, frame size) and fully
     decoded by the worker. Raises MediaError with the status to answer.
     """
-    max_bytes = int(settings.max_body_mb * 1024 * 1024)
+    resolved = media.resolve_item(
+        {"modality": item.modality, "text": item.text, "data": item.data, "path": item.path},
+        settings,
+    )
     payload: dict[str, Any] = {"id": item.id, "modality": item.modality, "metadata": item.metadata}
-    if item.modality == "text":
-        if item.path is not None:
-            resolved = media.resolve_media_path(item.path, settings.media_root)
-            raw_text = media.read_media_file(resolved, max_bytes).decode("utf-8", "replace")
-            payload["path"] = str(resolved)
-        else:
-            raw_text = item.text or ""
-        payload["text"] = media.clean_text(raw_text, settings.max_text_chars)
-        payload.pop("path", None)
-        payload["content_hash"] = media.content_hash(payload["text"])
-        return payload
-    if item.path is not None:
-        resolved = media.resolve_media_path(item.path, settings.media_root)
-        raw = media.read_media_file(resolved, max_bytes)
-        payload["path"] = str(resolved)
+    if resolved.text is not None:
+        payload["text"] = resolved.text
+    elif resolved.path is not None:
+        payload["path"] = str(resolved.path)
     else:
-        raw = media.decode_base64(item.data or "", max_bytes)
         payload["data"] = item.data
-    if item.modality == "image":
-        media.load_image(raw, settings).close()
-    else:
-        media.probe_video(raw, settings)
-    payload["content_hash"] = media.content_hash(raw)
+    if resolved.modality == "image":
+        assert resolved.raw is not None
+        media.load_image(resolved.raw, settings).close()
+    elif resolved.modality == "video":
+        assert resolved.raw is not None
+        media.probe_video(resolved.raw, settings)
+    payload["content_hash"] = resolved.content_hash
     return payload
 
 
@@ -115,20 +106,13 @@ async def ingest(body: IngestRequest, state: ReadyState) -> IngestResponse:
 )
 async def get_job(job_id: str, state: ReadyState) -> JobResponse:
     """Per-item state of an ingest job."""
+    assert state.jobs is not None
     job = await state.run(state.jobs.get, job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
     live = await state.run(monitoring.live_worker_names, state)  # None when embedded
-    return _job_response(job_id, job, live)
-
-
-def _job_response(job_id: str, job: JobStatus, live: list[str] | None = None) -> JobResponse:
-    """Adapt the job store's JobStatus to the API schema; in Redis mode, say how many workers
-    are live and whether the job waits for one that does not exist."""
-    items = [JobItem(id=it.id, state=it.state, error=it.error) for it in job.items]
     if live is None:
-        return JobResponse(job_id=job_id, state=job.state, items=items)
-    hint = waiting_hint([it.state for it in items], len(live))
-    return JobResponse(
-        job_id=job_id, state=job.state, items=items, live_workers=len(live), detail=hint
-    )
+        return job  # the job stores answer with the API's JobResponse
+    # Redis mode: say how many workers are live and whether the job waits for one that isn't
+    hint = waiting_hint([it.state for it in job.items], len(live))
+    return job.model_copy(update={"live_workers": len(live), "detail": hint})

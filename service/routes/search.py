@@ -1,4 +1,8 @@
-"""POST /search: text, image, video, raw-vector or item-id queries across modalities."""
+"""POST /search: text, image, video, raw-vector or item-id queries across modalities.
+
+The route parses the request (JSON or multipart upload) and answers; the search itself
+(encode -> per-target search -> QB-Norm -> merge and page) is :mod:`service.search`.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +11,20 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from service import media, metrics
-from service.app import ServiceState, maybe_refresh_normalizers
+from service import media
 from service.deps import ReadAccess, ReadyState
-from service.schemas import Modality, SearchRequest, SearchResponse, SearchResult, error_responses
-from service.settings import MODALITIES
+from service.schemas import SearchRequest, SearchResponse, error_responses
+from service.search import SearchError, run_search
+from service.state import ServiceState
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["search"])
 
-# What a query searches when the request names no targets: the other side of the bridge.
-DEFAULT_TARGETS: dict[str, list[Modality]] = {
-    "text": ["image", "video"],
-    "image": ["text"],
-    "video": ["text"],
-    "vector": list(MODALITIES),
-    "item_id": list(MODALITIES),
-}
 _FORM_FIELDS = {"text", "item_id", "targets", "top_k", "offset", "qbnorm", "min_score", "filter"}
 
 _OPENAPI_BODY: dict[str, Any] = {
@@ -154,120 +149,6 @@ def _media_kind(data: bytes, content_type: str | None) -> str:
     return "image"
 
 
-async def _query_vector(
-    state: ServiceState, req: SearchRequest, upload: tuple[str, bytes] | None
-) -> tuple[np.ndarray, str]:
-    """Encode the query: ``(vector [D] or [K,D], query kind)``."""
-    assert state.encoder is not None
-    settings = state.settings.ingest
-    max_bytes = int(settings.max_body_mb * 1024 * 1024)
-    kind = upload[0] if upload is not None else req.query_kind
-    try:
-        if kind == "text":
-            assert req.text is not None
-            return await state.encoder.encode_text(req.text), "text"
-        if kind == "image":
-            raw = upload[1] if upload else media.decode_base64(req.image or "", max_bytes)
-            image = await state.encoder.run(media.load_image, raw, settings)
-            return await state.encoder.encode_image(image), "image"
-        if kind == "video":
-            raw = upload[1] if upload else media.decode_base64(req.video or "", max_bytes)
-            video = await state.encoder.run(media.load_video, raw, settings)
-            frames = [f for seg in video.segments for f in seg.frames]
-            return await state.encoder.encode_video(frames), "video"
-    except media.MediaError as exc:
-        raise HTTPException(exc.status, f"{kind}: {exc.message}") from exc
-    if kind == "vector":
-        return _check_vector(state, req.vector), "vector"
-    assert req.item_id is not None
-    return _item_vector(state, req.item_id), "item_id"
-
-
-def _check_vector(state: ServiceState, vector: Any) -> np.ndarray:
-    dim, k = state.model.embed_dim, state.model.num_vectors
-    try:
-        v = np.asarray(vector, dtype=np.float64)
-    except (ValueError, TypeError) as exc:  # ragged rows (the schema refuses them first)
-        raise _bad(f"vector is not a rectangular array of numbers: {exc}", 422) from exc
-    expected = f"[{dim}]" if k == 1 else f"[{k}, {dim}] (or [{dim}])"
-    if v.shape[-1:] != (dim,) or v.ndim > 2 or (v.ndim == 2 and k == 1) or v.size == 0:
-        raise _bad(f"vector has shape {list(v.shape)}, expected {expected}", 422)
-    if v.ndim == 2 and v.shape[0] != k:
-        raise _bad(f"vector has shape {list(v.shape)}, expected {expected}", 422)
-    if not np.all(np.isfinite(v)):
-        raise _bad("vector contains NaN or infinity", 422)
-    return _unit_rows(v)
-
-
-def _unit_rows(v: np.ndarray) -> np.ndarray:
-    """L2-normalise each row stably: scale by its max-abs first, in float64, so 1e20s do not
-    overflow and 1e-30s do not underflow; only an exactly zero row is refused."""
-    scale = np.max(np.abs(v), axis=-1, keepdims=True)
-    if np.any(scale == 0):
-        raise _bad("vector has zero norm", 422)
-    scaled = v / scale
-    return np.ascontiguousarray(
-        scaled / np.linalg.norm(scaled, axis=-1, keepdims=True), dtype=np.float32
-    )
-
-
-def _item_vector(state: ServiceState, item_id: str) -> np.ndarray:
-    for gallery in state.galleries.values():
-        record = gallery.get(item_id)
-        if record is None:
-            continue
-        vectors = np.asarray(record.vectors, dtype=np.float32)
-        if state.model.num_vectors > 1:
-            return vectors  # [K, D] set: searched as a set
-        # one vector per video segment: the item as a whole is their normalised mean
-        v = vectors.mean(axis=0)
-        return (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
-    raise HTTPException(status.HTTP_404_NOT_FOUND, f"item {item_id!r} not found")
-
-
-def _search_targets(
-    state: ServiceState,
-    q: np.ndarray,
-    query_kind: str,
-    targets: list[Modality],
-    n: int,
-    flt: dict[str, Any] | None,
-    want_qbnorm: bool,
-) -> tuple[list[tuple[Modality, Any, float, float]], bool]:
-    """Blocking: search each target gallery, QB-Norm where it applies.
-
-    Returns ``[(modality, hit, score, raw_score)]`` unsorted, and whether QB-Norm was applied.
-    """
-    out: list[tuple[Modality, Any, float, float]] = []
-    applied = False
-    qbnorm_here = want_qbnorm and query_kind == "text"
-    if qbnorm_here:
-        maybe_refresh_normalizers(state)
-    for modality in targets:
-        gallery = state.galleries[modality]
-        if len(gallery) == 0:
-            continue
-        normalizer = state.normalizers.get(modality) if qbnorm_here else None
-        t0 = time.perf_counter()
-        if normalizer is not None:
-            # QB-Norm's own search: an adaptive raw shortlist, normalised, top-n kept
-            mode = state.settings.qbnorm.mode
-            hits = normalizer.search(
-                q, n, filter=flt or None, mode=mode if mode != "off" else "dis"
-            )
-            metrics.SEARCH_STAGE.labels("qbnorm").observe(time.perf_counter() - t0)
-            applied = True
-            out.extend(
-                (modality, h, float(h.score if h.norm_score is None else h.norm_score), h.score)
-                for h in hits[0]
-            )
-        else:
-            hits = gallery.search(q, n, filter=flt or None)
-            metrics.SEARCH_STAGE.labels("search").observe(time.perf_counter() - t0)
-            out.extend((modality, h, float(h.score), float(h.score)) for h in hits[0])
-    return out, applied
-
-
 @router.post(
     "/search",
     response_model=SearchResponse,
@@ -289,51 +170,16 @@ async def search(request: Request, state: ReadyState) -> SearchResponse:
     """Search images, videos and texts with a text, image, video, vector or item id."""
     start = time.perf_counter()
     req, upload = await _parse_request(request, state)
-    t0 = time.perf_counter()
-    q, query_kind = await _query_vector(state, req, upload)
-    if query_kind in ("text", "image", "video"):
-        metrics.SEARCH_STAGE.labels("encode").observe(time.perf_counter() - t0)
-    targets = req.targets or DEFAULT_TARGETS[query_kind]
-    want_qbnorm = req.qbnorm if req.qbnorm is not None else state.settings.qbnorm.mode != "off"
-    n = req.offset + req.top_k
-    assert state.encoder is not None
-    found, applied = await state.encoder.run(
-        _search_targets, state, q, query_kind, targets, n, req.filter, want_qbnorm
-    )
-    t1 = time.perf_counter()
-    # Merge across modalities: best score first, ties broken by id for a stable order.
-    found.sort(key=lambda row: (-row[2], row[1].id))
-    if req.min_score is not None:
-        found = [row for row in found if row[2] >= req.min_score]
-    page = found[req.offset : req.offset + req.top_k]
-    results = [_result(state, modality, hit, score, raw) for modality, hit, score, raw in page]
-    metrics.SEARCH_STAGE.labels("rerank").observe(time.perf_counter() - t1)
-    metrics.SEARCHES.labels(query_kind, str(applied).lower()).inc()
+    try:
+        outcome = await run_search(state, req, upload)
+    except SearchError as exc:
+        raise HTTPException(exc.status, exc.message) from exc
     return SearchResponse(
-        results=results,
+        results=outcome.results,
         took_ms=round((time.perf_counter() - start) * 1000, 3),
         model=state.model_name,
         index_version=state.index_version(),
         querybank_version=state.serving_bank()[1],
-        qbnorm_applied=applied,
-        querybank_stale=applied and state.bank_stale,
-    )
-
-
-def _result(
-    state: ServiceState, modality: Modality, hit: Any, score: float, raw: float
-) -> SearchResult:
-    record = state.galleries[modality].get(hit.id)
-    metadata = dict(record.metadata) if record is not None else {}
-    start = end = None
-    if record is not None and record.segments and hit.segment is not None:
-        start, end = record.segments[hit.segment]
-    return SearchResult(
-        id=hit.id,
-        modality=modality,
-        score=score,
-        raw_score=raw,
-        metadata=metadata,
-        start=start,
-        end=end,
+        qbnorm_applied=outcome.qbnorm_applied,
+        querybank_stale=outcome.qbnorm_applied and state.bank_stale,
     )

@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
-from service.app import ServiceState
 from service.deps import ReadAccess, ReadyState
 from service.schemas import error_responses
+from service.state import ServiceState
 from service.thumbnails import open_thumbnail_store
 
 logger = logging.getLogger(__name__)

@@ -35,13 +35,6 @@ TEXTS = {
 IMAGES = {f"p{i}": image_bytes(i) for i in range(5)}
 
 
-@pytest.fixture(scope="module")
-def model() -> Any:
-    from models import create_model
-
-    return create_model("tiny-random", pretrained=False)
-
-
 def _items() -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = [
         {

@@ -17,13 +17,6 @@ from service.encoder import Overloaded, QueryEncoder
 from tests.service.test_api_helpers import make_settings
 
 
-@pytest.fixture(scope="module")
-def model() -> Any:
-    from models import create_model
-
-    return create_model("tiny-random", pretrained=False)
-
-
 class _Counting:
     """Delegates to the model, counting ``embed_texts`` calls; can be held on a gate."""
 

@@ -24,13 +24,6 @@ MAX_PIXELS = 100_000
 
 
 @pytest.fixture(scope="module")
-def model() -> Any:
-    from models import create_model
-
-    return create_model("tiny-random", pretrained=False)
-
-
-@pytest.fixture(scope="module")
 def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("media")
     (root / "ok.png").write_bytes(image_bytes(7))

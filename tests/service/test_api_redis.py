@@ -30,13 +30,6 @@ TEXTS = {
 IMAGES = {f"rp{i}": image_bytes(100 + i) for i in range(3)}
 
 
-@pytest.fixture(scope="module")
-def model() -> Any:
-    from models import create_model
-
-    return create_model("tiny-random", pretrained=False)
-
-
 @pytest.fixture()
 def worker(redis_url: str, model: Any, tmp_path: Path) -> Iterator[EmbeddedWorker]:
     settings = make_settings(tmp_path / "worker", redis_url=redis_url)

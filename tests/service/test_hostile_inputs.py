@@ -24,13 +24,6 @@ INVISIBLE = "\u200b\u200c\ufeff"
 
 
 @pytest.fixture(scope="module")
-def model() -> Any:
-    from models import create_model
-
-    return create_model("tiny-random", pretrained=False)
-
-
-@pytest.fixture(scope="module")
 def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("hostile-media")
     (root / "a.txt").write_text("a dog on the grass")

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from index.gallery import Gallery, GalleryConfig, Record
+from service.kinds import MODALITIES
 from service.replication import (
     ReplicaApplier,
     ReplicationPublisher,
@@ -18,7 +19,6 @@ from service.replication import (
 )
 
 DIM = 16
-MODALITIES = ("image", "video", "text")
 
 
 def galleries(root: Path) -> dict[str, Gallery]:

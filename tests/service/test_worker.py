@@ -15,19 +15,12 @@ import pytest
 from PIL import Image
 
 from index.gallery import Gallery, GalleryConfig
-from models import create_model
 from service.jobs import JobStore, LocalJobStore, RedisJobStore
+from service.kinds import MODALITIES
 from service.queue import IngestQueue, LocalQueue, RedisStreamQueue
 from service.replication import ReplicaApplier, ReplicationPublisher
 from service.settings import IngestSettings, Settings, WorkerSettings
 from service.worker import BatchReport, GallerySink, Worker, start_embedded_worker
-
-MODALITIES = ("image", "video", "text")
-
-
-@pytest.fixture(scope="module")
-def model() -> Any:
-    return create_model("tiny-random", pretrained=False)
 
 
 @pytest.fixture()
