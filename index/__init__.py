@@ -1,6 +1,11 @@
-"""xmodal.index: durable FAISS galleries, multi-vector items, QB-Norm and querybank stores."""
+"""xmodal.index: durable FAISS galleries, multi-vector items, QB-Norm and querybank stores.
 
-from index.gallery import Candidates, Gallery, GalleryConfig, Hit, Record, VectorIndex
+Modules, lowest first: ``records`` (data types and knobs), ``log`` + ``snapshot`` (on-disk
+formats), ``vector_index`` (FAISS + recall tuning), ``multivector`` (set-item search over
+any gallery), ``gallery`` (the durable store), ``querybank`` and ``qbnorm`` (on top).
+"""
+
+from index.gallery import Gallery
 from index.log import WriteAheadLog, atomic_write
 from index.multivector import brute_force_multivector, search_multivector, set_similarity
 from index.qbnorm import (
@@ -16,6 +21,8 @@ from index.querybank import (
     RedisQueryBankStore,
     open_querybank_store,
 )
+from index.records import Candidates, GalleryConfig, Hit, Record
+from index.vector_index import VectorIndex
 
 __all__ = [
     "Candidates",

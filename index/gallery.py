@@ -14,342 +14,54 @@ that covers them is durable. Start-up = newest snapshot + replay of the newer lo
 final record is detected by its CRC and dropped; it was never acknowledged).
 
 Files under ``path``: ``snapshot.<gen>.bin``, ``index.<gen>.faiss``, ``log.<gen>``.
+
+This module is the orchestration only: the data types live in :mod:`index.records`, the
+FAISS index and its tuning in :mod:`index.vector_index`, the file formats in
+:mod:`index.log` and :mod:`index.snapshot`, and set-item search in :mod:`index.multivector`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import re
-import struct
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import faiss
 import numpy as np
-from pydantic import BaseModel, Field
 
-from index.log import WriteAheadLog, atomic_write, fsync_dir
+from index.log import WriteAheadLog, fsync_dir
+from index.multivector import search_multivector
+from index.records import Candidates, GalleryConfig, Hit, Listener, Record, content_hash
+from index.snapshot import (
+    pack_change,
+    read_index,
+    read_snapshot,
+    unpack_change,
+    write_index,
+    write_snapshot,
+)
+from index.vector_index import VectorIndex, auto_factory, exact_topk, gpu_available
+
+__all__ = [  # the data and index types stay importable from here, as before the split
+    "Candidates",
+    "Gallery",
+    "GalleryConfig",
+    "Hit",
+    "Listener",
+    "Record",
+    "VectorIndex",
+    "auto_factory",
+    "content_hash",
+    "exact_topk",
+    "gpu_available",
+]
 
 logger = logging.getLogger(__name__)
 
-RECALL_MARGIN = 0.02  # tune above min_recall: the sample estimate is noisy
 NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed for "L2-normalised" vectors
-_SNAPSHOT_MAGIC = b"XMGS0001"
-_U64 = struct.Struct("<Q")
-
-
-class GalleryConfig(BaseModel):
-    """Index knobs for one gallery (nested in the service ``Settings`` as ``index``)."""
-
-    factory: str = Field(
-        default="auto",
-        description='FAISS factory string ("Flat", "HNSW32", "IVF4096,PQ64,RFlat", ...) or '
-        '"auto": exact below auto_threshold vectors, HNSW32 below ivfpq_threshold, else IVF-PQ',
-    )
-    auto_threshold: int = Field(
-        default=50_000, description="auto: exact search below this many vectors"
-    )
-    ivfpq_threshold: int = Field(
-        default=1_000_000, description="auto: IVF-PQ at or above this many"
-    )
-    ef_search: int = Field(
-        default=64, description="HNSW efSearch start value (raised to min_recall)"
-    )
-    nprobe: int = Field(default=16, description="IVF nprobe start value (raised to min_recall)")
-    min_recall: float = Field(default=0.95, description="recall@10 vs exact kept at (re)build")
-    recall_sample: int = Field(default=200, description="queries sampled to measure recall@10")
-    use_gpu: bool | None = Field(default=None, description="None = use a GPU when faiss has one")
-    snapshot_every: int = Field(
-        default=10_000, description="log records between automatic snapshots"
-    )
-    fsync: bool = Field(default=True, description="fsync the log and snapshots (off only in tests)")
-
-
-@dataclass
-class Record:
-    """One item: ``vectors [K,D]`` float32, L2-normalised (one per segment or slot)."""
-
-    id: str
-    vectors: np.ndarray
-    metadata: dict[str, Any] = field(default_factory=dict)
-    content_hash: str = ""
-    segments: list[tuple[float, float]] | None = None
-
-    def __post_init__(self) -> None:
-        v = np.asarray(self.vectors, dtype=np.float32)
-        if v.ndim == 1:
-            v = v[None, :]
-        self.vectors = v
-        if self.segments is not None:
-            self.segments = [(float(a), float(b)) for a, b in self.segments]
-        if not self.content_hash:
-            self.content_hash = content_hash(self.vectors, self.metadata, self.segments)
-
-
-def content_hash(
-    vectors: np.ndarray, metadata: dict[str, Any], segments: list[tuple[float, float]] | None
-) -> str:
-    """Default content hash: sha1 of the vectors, metadata and segments."""
-    h = hashlib.sha1(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-    h.update(json.dumps([metadata, segments], sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result. ``score``: raw cosine (or Smooth-Chamfer for set models);
-    ``segment``: index of the winning segment for segmented items; ``norm_score``: the
-    QB-Norm score when a normaliser was applied (see ``index.qbnorm``)."""
-
-    id: str
-    score: float
-    segment: int | None = None
-    norm_score: float | None = None
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """Item-level search results as arrays, best first: dense item indexes (see
-    :meth:`Gallery.item_id`), raw scores and the winning vector slot per item."""
-
-    idx: np.ndarray
-    scores: np.ndarray
-    slots: np.ndarray
-
-
-Listener = Callable[[list[Record], list[str]], None]
-
-
-# --------------------------------------------------------------------------------------
-# VectorIndex: a FAISS index over int64 vector ids
-# --------------------------------------------------------------------------------------
-
-
-def gpu_available() -> bool:
-    """True when this faiss build has GPU support and sees at least one GPU."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def auto_factory(n_vectors: int, dim: int, config: GalleryConfig) -> str:
-    """The factory string ``"auto"`` resolves to for a gallery of ``n_vectors``."""
-    if n_vectors < config.auto_threshold:
-        return "Flat"
-    if n_vectors < config.ivfpq_threshold:
-        return "HNSW32"
-    nlist = int(2 ** round(math.log2(4 * math.sqrt(n_vectors))))
-    m = max(d for d in (64, 48, 32, 16, 8) if dim % d == 0) if dim % 8 == 0 else 8
-    return f"IVF{nlist},PQ{m},RFlat"
-
-
-class VectorIndex:
-    """FAISS inner-product index over int64 vector ids, with query-time knob tuning.
-
-    Indexes that cannot remove vectors (HNSW, refined IVF) get tombstones: removed ids stay
-    in FAISS and callers skip them; the owner rebuilds when tombstones pile up.
-    """
-
-    def __init__(self, dim: int, factory: str, use_gpu: bool | None = None) -> None:
-        self.dim = dim
-        self.factory = factory
-        spec = factory if factory.startswith("IDMap") else f"IDMap2,{factory}"
-        self.index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
-        self.tombstones: set[int] = set()
-        self.params: dict[str, int] = {}
-        self._can_remove = True
-        self._gpu = bool(gpu_available() if use_gpu is None else use_gpu)
-        if self._gpu and not gpu_available():
-            raise RuntimeError("use_gpu=True but faiss has no GPU support or sees no GPU")
-        self._gpu_res: Any = None
-
-    @property
-    def kind(self) -> str:
-        f = self.factory.upper()
-        return "hnsw" if "HNSW" in f else "ivf" if "IVF" in f else "flat"
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    @property
-    def is_trained(self) -> bool:
-        return bool(self.index.is_trained)
-
-    def train(self, x: np.ndarray) -> None:
-        try:  # polysemous training costs minutes and only helps Hamming filtering, unused here
-            ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
-            if hasattr(ivf, "do_polysemous_training"):
-                ivf.do_polysemous_training = False
-        except RuntimeError:
-            pass
-        self.index.train(np.ascontiguousarray(x, dtype=np.float32))
-        self._maybe_to_gpu()
-
-    def _maybe_to_gpu(self) -> None:
-        # HNSW has no GPU implementation; Flat and IVF move after training.
-        if self._gpu and self.kind != "hnsw" and self.is_trained and self._gpu_res is None:
-            self._gpu_res = faiss.StandardGpuResources()  # type: ignore[attr-defined]
-            self.index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)  # type: ignore[attr-defined]
-
-    def add(self, vids: np.ndarray, x: np.ndarray) -> None:
-        if not self.is_trained:
-            self.train(x)
-        self._maybe_to_gpu()
-        self.index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), vids.astype(np.int64))
-
-    def remove(self, vids: Iterable[int]) -> None:
-        ids = np.fromiter(vids, dtype=np.int64)
-        if len(ids) == 0:
-            return
-        if self._can_remove:
-            try:
-                self.index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
-                return
-            except RuntimeError:
-                logger.info("index %s cannot remove ids; using tombstones", self.factory)
-                self._can_remove = False
-        self.tombstones.update(int(i) for i in ids)
-
-    def set_param(self, name: str, value: int) -> None:
-        if name == "k_factor":  # ParameterSpace does not reach a refine index under IDMap2
-            inner = faiss.downcast_index(getattr(self.index, "index", self.index))
-            if not hasattr(inner, "k_factor"):
-                raise ValueError(f"index {self.factory} has no k_factor")
-            inner.k_factor = value
-        else:
-            faiss.ParameterSpace().set_index_parameter(self.index, name, value)
-        self.params[name] = value
-
-    def search(self, x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        n = max(1, min(n, self.ntotal))
-        if self.kind == "hnsw":
-            # efSearch below n makes HNSW return fewer than n results.
-            ef = max(self.params.get("efSearch", 16), n)
-            faiss.ParameterSpace().set_index_parameter(self.index, "efSearch", ef)
-        scores, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), n)
-        if self.kind == "hnsw" and "efSearch" in self.params:
-            faiss.ParameterSpace().set_index_parameter(
-                self.index, "efSearch", self.params["efSearch"]
-            )
-        return scores, ids
-
-    def serialize(self) -> np.ndarray:
-        index = self.index
-        if self._gpu_res is not None:
-            index = faiss.index_gpu_to_cpu(index)  # type: ignore[attr-defined]
-        return faiss.serialize_index(index)
-
-    @classmethod
-    def deserialize(
-        cls, data: np.ndarray, dim: int, factory: str, use_gpu: bool | None = None
-    ) -> VectorIndex:
-        self = cls.__new__(cls)
-        self.dim = dim
-        self.factory = factory
-        self.index = faiss.deserialize_index(data)
-        self.tombstones = set()
-        self.params = {}
-        self._can_remove = True
-        self._gpu = bool(gpu_available() if use_gpu is None else use_gpu)
-        self._gpu_res = None
-        self._maybe_to_gpu()
-        return self
-
-    def tune(
-        self,
-        vids: np.ndarray,
-        vectors: np.ndarray,
-        config: GalleryConfig,
-        seed: int = 0,
-    ) -> float:
-        """Raise efSearch / nprobe (and k_factor) until recall@10 vs exact ≥ min_recall.
-
-        ``vectors [N,D]`` are the live vectors under ``vids``; queries are a sample of them
-        with small noise (exact duplicates would make recall trivially 1). Returns the recall.
-        """
-        if self.kind == "flat" or len(vids) == 0:
-            return 1.0
-        rng = np.random.default_rng(seed)
-        nq = min(config.recall_sample, len(vids))
-        q = vectors[rng.choice(len(vids), nq, replace=False)]
-        # cross-modal queries sit far from gallery points (cosine ~0.3-0.7): noise of norm ~1
-        q = q + rng.normal(scale=1.0 / math.sqrt(self.dim), size=q.shape).astype(np.float32)
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-        k = min(10, len(vids))
-        truth = exact_topk(q, vectors, k)[1]
-        truth_ids = vids[truth]
-        knob, start = (
-            ("efSearch", config.ef_search) if self.kind == "hnsw" else ("nprobe", config.nprobe)
-        )
-        value, recall = start, 0.0
-        target = min(1.0, config.min_recall + RECALL_MARGIN)
-        limit = 4096 if knob == "efSearch" else max(start, _ivf_nlist(self.index))
-        refine = "RFLAT" in self.factory.upper() or "REFINE" in self.factory.upper()
-        k_factor = 4
-        while True:
-            self.set_param(knob, value)
-            if refine:  # exact re-ranking of k_factor * k PQ candidates
-                self.set_param("k_factor", k_factor)
-            _, found = self.search(q, k + len(self.tombstones))
-            recall = float(
-                np.mean(
-                    [
-                        len(set(truth_ids[i]) & set(found[i][: k + len(self.tombstones)])) / k
-                        for i in range(nq)
-                    ]
-                )
-            )
-            if recall >= target:
-                break
-            if value < limit:
-                value = min(limit, value * 2)
-            elif refine and k_factor < 64:
-                k_factor *= 2
-            else:
-                break
-        logger.info("tuned %s: %s=%d recall@10=%.3f", self.factory, knob, value, recall)
-        if recall < config.min_recall:
-            logger.warning("index %s reaches only recall@10=%.3f", self.factory, recall)
-        return recall
-
-
-def _ivf_nlist(index: Any) -> int:
-    try:
-        return int(faiss.extract_index_ivf(index).nlist)
-    except RuntimeError:
-        return 1
-
-
-def exact_topk(
-    q: np.ndarray, x: np.ndarray, k: int, chunk: int = 65536
-) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top-k (scores, row indices), chunked over ``x``."""
-    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(q), 0), dtype=np.int64)
-    for start in range(0, len(x), chunk):
-        s = q @ x[start : start + chunk].T
-        s_all = np.concatenate([best_s, s], axis=1)
-        i_all = np.concatenate(
-            [best_i, np.arange(start, start + s.shape[1])[None].repeat(len(q), 0)], 1
-        )
-        kk = min(k, s_all.shape[1])
-        part = np.argpartition(-s_all, kk - 1, axis=1)[:, :kk]
-        best_s = np.take_along_axis(s_all, part, 1)
-        best_i = np.take_along_axis(i_all, part, 1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
-
-
-# --------------------------------------------------------------------------------------
-# Gallery
-# --------------------------------------------------------------------------------------
 
 
 def _check_vectors(v: np.ndarray, dim: int, num_vectors: int, item_id: str) -> np.ndarray:
@@ -375,17 +87,6 @@ def _check_vectors(v: np.ndarray, dim: int, num_vectors: int, item_id: str) -> n
 
 def _matches(metadata: dict[str, Any], flt: dict[str, Any] | None) -> bool:
     return flt is None or all(metadata.get(key) == value for key, value in flt.items())
-
-
-def _pack(header: dict[str, Any], blobs: list[bytes]) -> bytes:
-    h = json.dumps(header, separators=(",", ":")).encode()
-    return _U64.pack(len(h)) + h + b"".join(blobs)
-
-
-def _unpack(payload: bytes) -> tuple[dict[str, Any], memoryview]:
-    (n,) = _U64.unpack_from(payload, 0)
-    header = json.loads(payload[8 : 8 + n])
-    return header, memoryview(payload)[8 + n :]
 
 
 class Gallery:
@@ -546,7 +247,7 @@ class Gallery:
                     for r in changes
                 ],
             }
-            self._log.append([_pack(header, [r.vectors.tobytes() for r in changes])])
+            self._log.append([pack_change(header, [r.vectors.tobytes() for r in changes])])
             self._apply_upsert(changes, offset)
             self._after_change(changes, [])
             return len(changes)
@@ -557,7 +258,7 @@ class Gallery:
             present = list(dict.fromkeys(i for i in ids if i in self._items))
             if not present and (offset is None or offset == self.applied_offset):
                 return 0
-            self._log.append([_pack({"op": "r", "ids": present, "offset": offset}, [])])
+            self._log.append([pack_change({"op": "r", "ids": present, "offset": offset}, [])])
             self._apply_remove(present, offset)
             self._after_change([], present)
             return len(present)
@@ -725,12 +426,11 @@ class Gallery:
         """Top-``k`` items per query, best vector per item, optional metadata equality filter.
 
         ``queries``: ``[Q,D]`` (or ``[D]``); for set models ``[Q,K,D]`` (max-similarity
-        shortlist of ``shortlist`` items re-ranked exactly with Smooth-Chamfer).
+        shortlist of ``shortlist`` items re-ranked exactly with Smooth-Chamfer, by
+        :func:`index.multivector.search_multivector` over this gallery's public reads).
         """
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 3 or self.num_vectors > 1:
-            from index.multivector import search_multivector
-
             if q.ndim == 2 and self.num_vectors > 1 and q.shape[0] == self.num_vectors:
                 q = q[None]
             return search_multivector(self, q, k, filter=filter, shortlist=shortlist)
@@ -875,7 +575,7 @@ class Gallery:
         )
 
     def _replay(self, payload: bytes) -> None:
-        header, blob = _unpack(payload)
+        header, blob = unpack_change(payload)
         if header["op"] == "u":
             recs, pos = [], 0
             for it in header["items"]:
@@ -908,11 +608,8 @@ class Gallery:
         with self._lock:
             t0 = time.perf_counter()
             gen = self._gen + 1
-            index_bytes = self._index.serialize()
-            atomic_write(
-                self.path / f"index.{gen}.faiss",
-                lambda f: f.write(index_bytes.tobytes()),
-                self.config.fsync,
+            index_crc = write_index(
+                self.path / f"index.{gen}.faiss", self._index.serialize(), self.config.fsync
             )
             records = list(self._items.values())
             header = {
@@ -924,7 +621,7 @@ class Gallery:
                 "factory": self._index.factory,
                 "params": self._index.params,
                 "tombstones": sorted(self._index.tombstones),
-                "index_crc": zlib.crc32(index_bytes.tobytes()),
+                "index_crc": index_crc,
                 "items": [
                     {
                         "id": r.id,
@@ -937,17 +634,12 @@ class Gallery:
                 ],
             }
 
-            def write(f: BinaryIO) -> None:
-                h = json.dumps(header, separators=(",", ":")).encode()
-                crc = zlib.crc32(h)
-                f.write(_SNAPSHOT_MAGIC + _U64.pack(len(h)) + h)
-                for r in records:
-                    b = r.vectors.tobytes()
-                    crc = zlib.crc32(b, crc)
-                    f.write(b)
-                f.write(struct.pack("<I", crc))
-
-            atomic_write(self.path / f"snapshot.{gen}.bin", write, self.config.fsync)
+            write_snapshot(
+                self.path / f"snapshot.{gen}.bin",
+                header,
+                (r.vectors for r in records),
+                self.config.fsync,
+            )
             # The snapshot is durable: switch to a fresh log generation, drop older files.
             self._log.close()
             self._gen = gen
@@ -965,24 +657,13 @@ class Gallery:
             )
 
     def _load_snapshot(self, path: Path, index_path: Path) -> None:
-        data = path.read_bytes()
-        if data[:8] != _SNAPSHOT_MAGIC:
-            raise ValueError(f"{path}: not a gallery snapshot")
-        (n,) = _U64.unpack_from(data, 8)
-        h = data[16 : 16 + n]
-        header = json.loads(h)
-        body = memoryview(data)[16 + n : len(data) - 4]
-        (crc,) = struct.unpack("<I", data[-4:])
-        if zlib.crc32(body, zlib.crc32(h)) != crc:
-            raise ValueError(f"{path}: snapshot checksum mismatch")
+        header, body = read_snapshot(path)
         if header["dim"] != self.dim or header["num_vectors"] != self.num_vectors:
             raise ValueError(
                 f"{path}: snapshot has dim={header['dim']} num_vectors={header['num_vectors']}, "
                 f"gallery opened with dim={self.dim} num_vectors={self.num_vectors}"
             )
-        index_bytes = np.frombuffer(index_path.read_bytes(), dtype=np.uint8)
-        if zlib.crc32(index_bytes.tobytes()) != header["index_crc"]:
-            raise ValueError(f"{index_path}: index checksum mismatch")
+        index_bytes = read_index(index_path, header["index_crc"])
         all_vectors = np.frombuffer(body, dtype=np.float32).reshape(-1, self.dim)
         pos = 0
         for it in header["items"]:
@@ -998,9 +679,7 @@ class Gallery:
         self._index = VectorIndex.deserialize(
             index_bytes, self.dim, header["factory"], self.config.use_gpu
         )
-        self._index.tombstones = set(header["tombstones"])
-        if self._index.tombstones:
-            self._index._can_remove = False
+        self._index.restore_tombstones(header["tombstones"])
         for name, value in header["params"].items():
             self._index.set_param(name, value)
 

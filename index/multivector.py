@@ -14,79 +14,62 @@ gallery is measured in ``tests/index/test_multivector.py`` and ``docs/BENCHMARKS
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 
-if TYPE_CHECKING:
-    from index.gallery import Gallery, Hit
+from index.records import Candidates, Hit
+from models.similarity import DEFAULT_TEMPERATURE, smooth_chamfer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPERATURE = 16.0  # DivE's alpha; matches models.similarity
 DEFAULT_SHORTLIST = 200  # items re-ranked exactly per query when the caller gives none
 
 
-def smooth_chamfer_np(
-    a: np.ndarray, b: np.ndarray, temperature: float = DEFAULT_TEMPERATURE
-) -> np.ndarray:
-    """Numpy Smooth-Chamfer of ``a [N,K1,D]`` and ``b [M,K2,D]`` (normalised) -> ``[N,M]``."""
-    s = np.einsum("nid,mjd->nmij", a, b) * temperature  # [N,M,K1,K2]
+class SetGallery(Protocol):
+    """The gallery reads a set search needs (:class:`index.gallery.Gallery` has them); typed
+    by shape so this module sits below the gallery and never imports it."""
 
-    def lse(x: np.ndarray, axis: int) -> np.ndarray:
-        top = x.max(axis=axis, keepdims=True)
-        return np.squeeze(top, axis) + np.log(np.exp(x - top).sum(axis=axis))
+    dim: int
+    num_vectors: int
 
-    a_to_b = lse(s, -1).mean(-1)
-    b_to_a = lse(s, -2).mean(-1)
-    return ((a_to_b + b_to_a) / (2 * temperature)).astype(np.float32)
+    def search_candidates(
+        self, q: np.ndarray, n: int, filter: dict[str, Any] | None = None
+    ) -> list[Candidates]: ...
+
+    def set_vectors(self, idx: np.ndarray) -> np.ndarray: ...
+
+    def item_id(self, idx: int) -> str | None: ...
+
+    def vectors_matrix(self) -> tuple[list[str], np.ndarray, np.ndarray]: ...
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    """A float32 tensor sharing ``x``'s memory where it can (read-only arrays are copied:
+    torch does not take them)."""
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
 def set_similarity(
     a: np.ndarray, b: np.ndarray, temperature: float = DEFAULT_TEMPERATURE
 ) -> np.ndarray:
-    """Smooth-Chamfer ``[N,M]`` via ``models.similarity`` (torch), numpy as a fallback."""
-    try:
-        import torch
-
-        # imported by name: index depends on models.similarity only, and only optionally
-        smooth_chamfer = importlib.import_module("models.similarity").smooth_chamfer
-    except ImportError:
-        return smooth_chamfer_np(a, b, temperature)
+    """Smooth-Chamfer of ``a [N,K1,D]`` and ``b [M,K2,D]`` (L2-normalised) -> ``[N,M]``
+    float32: :func:`models.similarity.smooth_chamfer` on numpy arrays."""
     with torch.no_grad():
         out = smooth_chamfer(
-            torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)),
-            torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)),
+            _tensor(a),
+            _tensor(b),
             temperature=temperature,
             normalize=False,
         )
     return out.numpy().astype(np.float32, copy=False)
 
 
-def smooth_chamfer_shortlist(
-    query: np.ndarray, sets: np.ndarray, temperature: float = DEFAULT_TEMPERATURE
-) -> np.ndarray:
-    """Smooth-Chamfer of one query set ``[K1,D]`` with each of ``sets [n,K2,D]`` -> ``[n]``.
-
-    The same maths as :func:`smooth_chamfer_np` for ``N = 1``, batched over the whole
-    shortlist: one matrix product for every slot pair, then max-shifted logsumexps.
-    """
-    n, k2, d = sets.shape
-    s = (sets.reshape(n * k2, d) @ query.T).reshape(n, k2, -1) * temperature  # [n,K2,K1]
-
-    def lse(x: np.ndarray, axis: int) -> np.ndarray:
-        top = x.max(axis=axis, keepdims=True)
-        return np.squeeze(top, axis) + np.log(np.exp(x - top).sum(axis=axis))
-
-    a_to_b = lse(s, 1).mean(-1)  # query slot i: log sum_j exp(T s_ij), mean over i
-    b_to_a = lse(s, 2).mean(-1)  # item slot j: log sum_i exp(T s_ij), mean over j
-    return ((a_to_b + b_to_a) / (2 * temperature)).astype(np.float32)
-
-
 def search_multivector(
-    gallery: Gallery,
+    gallery: SetGallery,
     queries: np.ndarray,
     k: int,
     filter: dict[str, Any] | None = None,
@@ -98,8 +81,6 @@ def search_multivector(
     Ties: equal max-of-max scores (shortlist cut) and equal Smooth-Chamfer scores (result
     order) go to the lower dense item index, i.e. the item added first.
     """
-    from index.gallery import Hit
-
     q = np.asarray(queries, dtype=np.float32)
     if q.ndim != 3 or q.shape[2] != gallery.dim:
         raise ValueError(f"set queries must be [Q,K,{gallery.dim}], got {list(q.shape)}")
@@ -118,7 +99,7 @@ def search_multivector(
         idx = idx[order]
         _, first = np.unique(idx, return_index=True)  # each item's best (first) slot pair
         short = idx[np.sort(first)[:n]]
-        sc = smooth_chamfer_shortlist(q[row], gallery.set_vectors(short), temperature)
+        sc = set_similarity(q[row][None], gallery.set_vectors(short), temperature)[0]
         hits = []
         for i in np.lexsort((short, -sc)).tolist():
             item_id = gallery.item_id(int(short[i]))
@@ -131,11 +112,9 @@ def search_multivector(
 
 
 def brute_force_multivector(
-    gallery: Gallery, queries: np.ndarray, k: int, temperature: float = DEFAULT_TEMPERATURE
+    gallery: SetGallery, queries: np.ndarray, k: int, temperature: float = DEFAULT_TEMPERATURE
 ) -> list[list[Hit]]:
     """Exact Smooth-Chamfer top-``k`` over the whole gallery (the reference for recall)."""
-    from index.gallery import Hit
-
     ids, vectors, _ = gallery.vectors_matrix()
     items = vectors.reshape(len(ids), gallery.num_vectors, gallery.dim)
     sc = set_similarity(np.asarray(queries, dtype=np.float32), items, temperature)

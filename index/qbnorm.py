@@ -51,7 +51,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from index.gallery import Candidates, Gallery, Hit, Record
+from index.gallery import Gallery
+from index.multivector import set_similarity
+from index.records import Candidates, Hit, Record
 
 if TYPE_CHECKING:
     from index.querybank import QueryBank
@@ -181,8 +183,6 @@ def _item_scores(bank: np.ndarray, vectors: np.ndarray, offsets: np.ndarray) -> 
     if bank.ndim == 2:
         s = (bank.astype(np.float64) @ vectors.astype(np.float64).T).astype(np.float32)
         return np.maximum.reduceat(s, offsets[:-1], axis=1)
-    from index.multivector import set_similarity
-
     n_items = len(offsets) - 1
     items = vectors.reshape(n_items, -1, vectors.shape[1])
     return set_similarity(bank, items)

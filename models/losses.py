@@ -1,5 +1,7 @@
 """Training losses; each returns a dict of named parts with the total under ``"loss"``.
 
+- ``hinge``: the triplet hinge for positives ``[Q]`` against negatives ``[Q, J]`` (``-inf``
+  where not a negative); every triplet loss here and in ``models.train`` is built on it.
 - ``triplet_loss``: the hinge triplet loss of VSE++/VSE-infinity (woodfrog/vse_infty
   ``lib/loss.py: ContrastiveLoss``) over a square similarity matrix whose diagonal holds the
   positives, in both directions, summing every violating negative (VSE0, warm-up) or keeping
@@ -10,6 +12,8 @@
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,26 @@ def _reduce(per_query: Tensor, reduction: str) -> Tensor:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return per_query.sum() if reduction == "sum" else per_query.mean()
+
+
+def hinge(
+    pos: Tensor,
+    neg: Tensor,
+    margin: float = DEFAULT_MARGIN,
+    hardest: bool = True,
+    reduction: str = "sum",
+) -> Tensor:
+    """The triplet hinge: per query ``q``, ``[margin + neg[q, j] - pos[q]]_+`` over its
+    negatives ``j`` (summed, or only the hardest), reduced over queries.
+
+    Args:
+        pos: ``[Q]`` similarity of each query to its positive.
+        neg: ``[Q, J]`` similarities to candidate negatives; entries that are not negatives
+            (the positive itself, other positives) hold ``-inf`` and cost nothing.
+        margin, hardest, reduction: as in :func:`triplet_loss`.
+    """
+    cost = (margin + neg - pos[:, None]).clamp(min=0)
+    return _reduce(cost.amax(dim=1) if hardest else cost.sum(dim=1), reduction)
 
 
 def triplet_loss(
@@ -67,13 +91,10 @@ def triplet_loss(
         if positive_mask.shape != sims.shape:
             raise ValueError(f"positive_mask must be {tuple(sims.shape)}")
         positives = positives | positive_mask.to(device=sims.device, dtype=torch.bool)
-    cost_i2t = (margin + sims - diagonal.unsqueeze(1)).clamp(min=0).masked_fill(positives, 0.0)
-    cost_t2i = (margin + sims - diagonal.unsqueeze(0)).clamp(min=0).masked_fill(positives, 0.0)
-    if hardest:
-        per_image, per_caption = cost_i2t.amax(dim=1), cost_t2i.amax(dim=0)
-    else:
-        per_image, per_caption = cost_i2t.sum(dim=1), cost_t2i.sum(dim=0)
-    i2t, t2i = _reduce(per_image, reduction), _reduce(per_caption, reduction)
+    i2t = hinge(diagonal, sims.masked_fill(positives, -math.inf), margin, hardest, reduction)
+    t2i = hinge(
+        diagonal, sims.t().masked_fill(positives.t(), -math.inf), margin, hardest, reduction
+    )
     return {"loss": i2t + t2i, "i2t": i2t, "t2i": t2i}
 
 

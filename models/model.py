@@ -409,6 +409,34 @@ class XModal(nn.Module):
             lengths = torch.tensor([len(frames)], device=per_frame.device)
             return self._numpy(self.pool_frames(per_frame.unsqueeze(0), lengths))
 
+    @torch.no_grad()
+    def embed_segments(
+        self, segments: Sequence[Sequence[Image.Image]], batch_size: int = 32
+    ) -> np.ndarray:
+        """The frames of each video segment -> float32 ``[S,D]``: one vector per segment.
+
+        Every frame of every segment goes through the image path in one batch
+        (:meth:`embed_images`), then :meth:`pool_frames` pools each segment over its own
+        frames (``config.video.pooling``). Single-vector models only; a set model embeds a
+        whole clip with :meth:`embed_video_frames`.
+        """
+        if self.is_set_model:
+            raise ValueError("embed_segments is for single-vector models (set: embed_video_frames)")
+        if not segments or any(len(s) == 0 for s in segments):
+            raise ValueError("embed_segments needs at least one frame per segment")
+        frames = [f for s in segments for f in s]
+        per_frame = torch.from_numpy(self.embed_images(frames, batch_size))  # [F, D]
+        t = max(len(s) for s in segments)
+        padded = per_frame.new_zeros(len(segments), t, per_frame.shape[-1])
+        lengths = torch.tensor([len(s) for s in segments])
+        start = 0
+        for i, s in enumerate(segments):
+            padded[i, : len(s)] = per_frame[start : start + len(s)]
+            start += len(s)
+        with _eval_mode(self):
+            pooled = self.pool_frames(padded.to(self.device), lengths.to(self.device))
+        return np.ascontiguousarray(pooled.float().cpu().numpy(), dtype=np.float32)
+
     # -- checkpoint helpers -------------------------------------------------------------------
 
     def head_state_dict(self, include_backbones: Sequence[str] = ()) -> dict[str, Tensor]:

@@ -6,12 +6,14 @@ first use), build the model from its named config, then a loop of
     batch -> size augmentation -> embed -> similarity -> triplet loss (+ set regularisers)
     -> AdamW step with gradient clipping -> progress bar (loss, pairs/s)
 
-with a dev evaluation after every epoch. The first ``warmup_epochs`` sum over every violating
-negative (VSE0), later epochs keep the hardest negative (VSE++); the learning rate drops by
-``lr_decay`` at ``lr_decay_epoch``. Every epoch writes ``last.safetensors`` (+ the optimiser
-state in ``train_state.pt`` for ``resume``), ``best.safetensors`` when dev RSUM improved,
-``history.json`` and ``curves.png`` (loss and dev RSUM) into ``out_dir``. Checkpoints carry the
-model config, so they reload with no flags.
+with a dev evaluation after every epoch. That loop is written once (``_fit``); ``train``
+(cached features) and ``train_finetune`` (raw images through the backbones) only say how a
+batch is drawn, embedded and scored (a ``_Run``), and the hinge is ``models.losses.hinge``. The
+first ``warmup_epochs`` sum over every violating negative (VSE0), later epochs keep the hardest
+negative (VSE++); the learning rate drops by ``lr_decay`` at ``lr_decay_epoch``. Every epoch
+writes ``last.safetensors`` (+ the optimiser state in ``train_state.pt`` for ``resume``),
+``best.safetensors`` when dev RSUM improved, ``history.json`` and ``curves.png`` (loss and dev
+RSUM) into ``out_dir``. Checkpoints carry the model config, so they reload with no flags.
 
 Size augmentation (VSE-infinity): each training image keeps a random ~80% of its grid
 features, each caption a random ~80% of its token features. VSE-infinity masks / replaces /
@@ -33,6 +35,8 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +56,7 @@ from models.features import (
     load_features,
     text_cache_dir,
 )
+from models.losses import hinge, mmd_loss, uniformity_loss
 
 __all__ = ["TrainConfig", "drop_features", "load_split_features", "train"]
 
@@ -281,12 +286,6 @@ def _build_model(cfg: TrainConfig) -> Any:
     return XModal(model_config_for(cfg), pretrained=True).to(cfg.device)
 
 
-def _hinge(pos: Tensor, neg: Tensor, margin: float, hardest: bool) -> Tensor:
-    """``sum_q [margin + neg[q, :] - pos[q]]_+`` (hardest: only the max), ``neg`` masked -inf."""
-    cost = (margin + neg - pos[:, None]).clamp(min=0)
-    return (cost.amax(dim=1) if hardest else cost.sum(dim=1)).sum()
-
-
 def _loss(
     model: Any,
     img: Tensor,
@@ -307,8 +306,6 @@ def _loss(
     against the other images). ``extra_txt`` / ``extra_img`` are (embeddings, image ids) of
     additional negative captions / images.
     """
-    from models.losses import mmd_loss, uniformity_loss
-
     if owner is None:
         owner = torch.arange(txt.shape[0], device=img_ids.device)
     sims = model.similarity(img, txt)  # [B, C], rows images, columns captions
@@ -329,8 +326,8 @@ def _loss(
             [neg_t2i, s.masked_fill(cap_ids[:, None] == ids[None, :], -math.inf)], 1
         )
     parts = {
-        "i2t": _hinge(pos, neg_i2t, cfg.margin, hardest),
-        "t2i": _hinge(pos, neg_t2i, cfg.margin, hardest),
+        "i2t": hinge(pos, neg_i2t, cfg.margin, hardest),
+        "t2i": hinge(pos, neg_t2i, cfg.margin, hardest),
     }
     total = parts["i2t"] + parts["t2i"]
     if img.dim() == 3:  # set model: DivE regularisers
@@ -379,9 +376,118 @@ def dataset_id(data: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
+def _optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: heads at ``lr``, backbone weights (a tuned top,
+    or whole backbones when fine-tuning) at ``lr * backbone_lr_scale``."""
+    backbone = [p for n, p in model.named_parameters() if "_backbone." in n and p.requires_grad]
+    heads = [p for n, p in model.named_parameters() if "_backbone." not in n and p.requires_grad]
+    groups = [{"params": heads, "scale": 1.0}]
+    if backbone:
+        groups.append({"params": backbone, "scale": cfg.backbone_lr_scale})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class _Run:
+    """What a training run is made of; the one loop (:func:`_fit`) does the rest.
+
+    ``batches()`` draws one epoch's batches, ``loss(batch, hardest)`` embeds a batch and
+    returns the loss parts and how many pairs it held, ``evaluate()`` gives dev metrics.
+    ``resumable`` runs also write ``last.safetensors`` + ``train_state.pt`` every epoch.
+    """
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    batches: Callable[[], list[Any]]
+    loss: Callable[[Any, bool], tuple[dict[str, Tensor], int]]
+    evaluate: Callable[[], dict[str, float]]
+    out: Path
+    data_id: str  # the dataset this run read, recorded in checkpoints
+    label: str = "epoch"  # progress-bar label
+    resumable: bool = True
+    checkpoint_extra: dict[str, Any] = field(default_factory=dict)
+    # progress so far (non-zero when resuming)
+    start_epoch: int = 0
+    step: int = 0
+    trained_s: float = 0.0
+    best: float = -1.0
+    history: dict[str, list] = field(default_factory=lambda: {"loss": [], "dev": []})
+
+
+def _fit(cfg: TrainConfig, run: _Run) -> Path:
+    """The training loop: per epoch set the LR, step through the batches (loss, backward,
+    clip, AdamW), then evaluate on dev and write checkpoints, history and curves."""
+    from models.checkpoint import save_checkpoint
+
+    model, optimizer, out, history = run.model, run.optimizer, run.out, run.history
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    step, trained_s, best = run.step, run.trained_s, run.best
+    for epoch in range(run.start_epoch, cfg.epochs):
+        lr = _lr_at(epoch, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["scale"]
+        hardest = epoch >= cfg.warmup_epochs  # VSE0 warm-up, then VSE++
+        model.train()
+        batches = run.batches()
+        desc = f"{run.label} {epoch + 1}/{cfg.epochs}"
+        bar = tqdm(batches, desc=desc, disable=not cfg.progress)
+        t0 = time.perf_counter()
+        pairs = 0
+        for batch in bar:
+            parts, n_pairs = run.loss(batch, hardest)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            pairs += n_pairs
+            loss = float(parts["loss"].detach())
+            history["loss"].append((step, loss))
+            rate = pairs / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss:.2f}", pairs_s=f"{rate:.0f}", lr=f"{lr:.1e}")
+            if cfg.time_budget_s and trained_s + time.perf_counter() - t0 > cfg.time_budget_s:
+                break
+        trained_s += time.perf_counter() - t0
+        metrics = run.evaluate()
+        history["dev"].append({"epoch": epoch + 1, "step": step, "seconds": trained_s, **metrics})
+        logger.info(
+            "epoch %d: dev rsum %.1f (i2t R@1 %.1f, t2i R@1 %.1f) after %.0f s",
+            epoch + 1, metrics["rsum"], metrics["i2t_r1"], metrics["t2i_r1"], trained_s,
+        )  # fmt: skip
+        if cfg.progress:
+            tqdm.write(f"epoch {epoch + 1}: dev {json.dumps(metrics)}  ({trained_s:.0f} s)")
+        extra = {
+            "epoch": epoch + 1, "step": step, "dev_rsum": metrics["rsum"], "data": run.data_id,
+            **run.checkpoint_extra,
+        }  # fmt: skip
+        if metrics["rsum"] > best:
+            best = metrics["rsum"]
+            save_checkpoint(model, out / "best.safetensors", extra)
+        if run.resumable:
+            save_checkpoint(model, out / "last.safetensors", extra)
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "seconds": trained_s,
+                    "history": history,
+                    "best_rsum": best,
+                },
+                out / "train_state.pt",
+            )
+        (out / "history.json").write_text(json.dumps(history["dev"], indent=1))
+        _plot(history, out / "curves.png")
+        done_budget = cfg.time_budget_s is not None and trained_s >= cfg.time_budget_s
+        if done_budget or (cfg.target_rsum is not None and metrics["rsum"] >= cfg.target_rsum):
+            break
+    return out / "best.safetensors"
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train the heads of ``cfg.model`` and return the path of the best dev checkpoint."""
-    from models.checkpoint import load_state_into, read_checkpoint, save_checkpoint
+    from models.checkpoint import load_state_into, read_checkpoint
 
     if cfg.sampler == "adaptive" and cfg.epoch_mode == "grouped":
         raise ValueError(
@@ -396,7 +502,6 @@ def train(cfg: TrainConfig) -> Path:
     random.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     out = Path(cfg.out_dir)
-    data_id = dataset_id(Path(cfg.data))  # what this run read, recorded in checkpoints
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
 
@@ -412,103 +517,62 @@ def train(cfg: TrainConfig) -> Path:
     train_feats = train_feats.in_memory()  # random access; ~0.75 GB for Flickr8k at lite0/224
 
     # Tuned backbone blocks (`tune_blocks`) learn at lr * backbone_lr_scale, the heads at lr.
-    tuned = [p for n, p in model.named_parameters() if "_backbone." in n and p.requires_grad]
-    heads = [p for n, p in model.named_parameters() if "_backbone." not in n and p.requires_grad]
-    params = heads + tuned
-    groups = [{"params": heads, "scale": 1.0}]
-    if tuned:
-        groups.append({"params": tuned, "scale": cfg.backbone_lr_scale})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: dict[str, list] = {"loss": [], "dev": []}
-    start_epoch, step, trained_s, best = 0, 0, 0.0, -1.0
+    optimizer = _optimizer(model, cfg)
+    resumed: dict[str, Any] = {}
     if cfg.resume and (out / "train_state.pt").exists():
         state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=False)
         _, weights, backbones, _ = read_checkpoint(out / "last.safetensors")
         load_state_into(model, weights, backbones, out / "last.safetensors")
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, trained_s = state["epoch"], state["step"], state["seconds"]
-        history, best = state["history"], state["best_rsum"]
-        rng = np.random.default_rng([cfg.seed, start_epoch])
-        torch.manual_seed(cfg.seed + start_epoch)
-        logger.info("resumed %s at epoch %d, step %d", out, start_epoch, step)
+        resumed = {
+            "start_epoch": state["epoch"], "step": state["step"], "trained_s": state["seconds"],
+            "history": state["history"], "best": state["best_rsum"],
+        }  # fmt: skip
+        rng = np.random.default_rng([cfg.seed, state["epoch"]])
+        torch.manual_seed(cfg.seed + state["epoch"])
+        logger.info("resumed %s at epoch %d, step %d", out, state["epoch"], state["step"])
 
     samplers = _make_samplers(cfg, model, train_feats) if cfg.sampler == "adaptive" else None
-    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
-    for epoch in range(start_epoch, cfg.epochs):
-        lr = _lr_at(epoch, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["scale"]
-        hardest = epoch >= cfg.warmup_epochs
-        model.train()
-        batches = _epoch_batches(train_feats, cfg, rng)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
-        t0 = time.perf_counter()
-        pairs = 0
-        for img_idx, cap_idx in bar:
-            owner = None
-            if cfg.epoch_mode == "grouped":  # one image row per image, captions point to it
-                img_idx, inverse = np.unique(img_idx, return_inverse=True)
-                owner = torch.from_numpy(inverse.reshape(-1)).to(cfg.device)
-            dev_ = cfg.device
-            x, xn = train_feats.images(img_idx)
-            t, tn = train_feats.texts(cap_idx)
-            x, xn = model.image_top(x.to(dev_), xn.to(dev_))  # tuned backbone blocks, if any
-            t, tn = model.text_top(t.to(dev_), tn.to(dev_))
-            x, xn = drop_features(x, xn, cfg.image_drop, gen)
-            t, tn = drop_features(t, tn, cfg.token_drop, gen)
-            img = model.embed_image_features(x.to(dev_), xn.to(dev_))
-            txt = model.embed_text_features(t.to(dev_), tn.to(dev_))
-            ids = torch.from_numpy(img_idx).to(dev_)
-            extra_txt = extra_img = None
-            if samplers is not None:
-                extra_txt, extra_img = _adaptive_negatives(
-                    samplers, model, train_feats, img, txt, img_idx, cap_idx, cfg
-                )
-            parts = _loss(model, img, txt, ids, cfg, hardest, extra_txt, extra_img, owner)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            pairs += len(cap_idx)
-            loss = float(parts["loss"].detach())
-            history["loss"].append((step, loss))
-            rate = pairs / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{loss:.2f}", pairs_s=f"{rate:.0f}", lr=f"{lr:.1e}")
-            if cfg.time_budget_s and trained_s + time.perf_counter() - t0 > cfg.time_budget_s:
-                break
-        trained_s += time.perf_counter() - t0
-        metrics = evaluate(model, dev_feats, cfg.eval_batch_size, cfg.device)
-        history["dev"].append({"epoch": epoch + 1, "step": step, "seconds": trained_s, **metrics})
-        logger.info(
-            "epoch %d: dev rsum %.1f (i2t R@1 %.1f, t2i R@1 %.1f) after %.0f s",
-            epoch + 1, metrics["rsum"], metrics["i2t_r1"], metrics["t2i_r1"], trained_s,
-        )  # fmt: skip
-        if cfg.progress:
-            tqdm.write(f"epoch {epoch + 1}: dev {json.dumps(metrics)}  ({trained_s:.0f} s)")
-        extra = {"epoch": epoch + 1, "step": step, "dev_rsum": metrics["rsum"], "data": data_id}
-        if metrics["rsum"] > best:
-            best = metrics["rsum"]
-            save_checkpoint(model, out / "best.safetensors", extra)
-        save_checkpoint(model, out / "last.safetensors", extra)
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "seconds": trained_s,
-                "history": history,
-                "best_rsum": best,
-            },
-            out / "train_state.pt",
-        )
-        (out / "history.json").write_text(json.dumps(history["dev"], indent=1))
-        _plot(history, out / "curves.png")
-        done_budget = cfg.time_budget_s is not None and trained_s >= cfg.time_budget_s
-        if done_budget or (cfg.target_rsum is not None and metrics["rsum"] >= cfg.target_rsum):
-            break
-    return out / "best.safetensors"
+    gen = torch.Generator().manual_seed(cfg.seed + resumed.get("start_epoch", 0))
+
+    def _cached_loss(
+        batch: tuple[np.ndarray, np.ndarray], hardest: bool
+    ) -> tuple[dict[str, Tensor], int]:
+        """Cached features -> tuned top -> size augmentation -> heads -> loss."""
+        img_idx, cap_idx = batch
+        owner = None
+        if cfg.epoch_mode == "grouped":  # one image row per image, captions point to it
+            img_idx, inverse = np.unique(img_idx, return_inverse=True)
+            owner = torch.from_numpy(inverse.reshape(-1)).to(cfg.device)
+        dev_ = cfg.device
+        x, xn = train_feats.images(img_idx)
+        t, tn = train_feats.texts(cap_idx)
+        x, xn = model.image_top(x.to(dev_), xn.to(dev_))  # tuned backbone blocks, if any
+        t, tn = model.text_top(t.to(dev_), tn.to(dev_))
+        x, xn = drop_features(x, xn, cfg.image_drop, gen)
+        t, tn = drop_features(t, tn, cfg.token_drop, gen)
+        img = model.embed_image_features(x.to(dev_), xn.to(dev_))
+        txt = model.embed_text_features(t.to(dev_), tn.to(dev_))
+        ids = torch.from_numpy(img_idx).to(dev_)
+        extra_txt = extra_img = None
+        if samplers is not None:
+            extra_txt, extra_img = _adaptive_negatives(
+                samplers, model, train_feats, img, txt, img_idx, cap_idx, cfg
+            )
+        parts = _loss(model, img, txt, ids, cfg, hardest, extra_txt, extra_img, owner)
+        return parts, len(cap_idx)
+
+    run = _Run(
+        model=model,
+        optimizer=optimizer,
+        batches=lambda: _epoch_batches(train_feats, cfg, rng),
+        loss=_cached_loss,
+        evaluate=lambda: evaluate(model, dev_feats, cfg.eval_batch_size, cfg.device),
+        out=out,
+        data_id=dataset_id(Path(cfg.data)),
+        **resumed,
+    )
+    return _fit(cfg, run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,19 +662,18 @@ def _evaluate_raw(model: Any, ds: CaptionDataset, batch_size: int) -> dict[str, 
 def train_finetune(cfg: TrainConfig) -> Path:
     """Train heads and backbones end to end on raw images and captions (meant for a GPU).
 
-    Same recipe as `train` (warm-up on all negatives, AdamW, clipping, LR decay) without
-    size augmentation; the backbones learn at ``lr * backbone_lr_scale``. Checkpoints then
-    include the backbone weights (they no longer match the packages').
+    Same recipe and the same loop (:func:`_fit`) as `train` (warm-up on all negatives, AdamW,
+    clipping, LR decay) without size augmentation; the backbones learn at
+    ``lr * backbone_lr_scale``. Checkpoints then include the backbone weights (they no longer
+    match the packages'), so only ``best.safetensors`` is written (no resume state).
     """
     from PIL import Image
 
-    from models.checkpoint import save_checkpoint
     from models.model import XModal
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     out = Path(cfg.out_dir)
-    data_id = dataset_id(Path(cfg.data))  # what this run read, recorded in checkpoints
     out.mkdir(parents=True, exist_ok=True)
     overrides = {"image": {"trainable": True}, "text": {"trainable": True}}
     mcfg = model_config_for(
@@ -623,48 +686,34 @@ def train_finetune(cfg: TrainConfig) -> Path:
     )
     if cfg.max_images:
         train_ds, dev_ds = train_ds.subset(cfg.max_images), dev_ds.subset(cfg.max_images)
-    backbone = [p for n, p in model.named_parameters() if "_backbone." in n and p.requires_grad]
-    heads = [p for n, p in model.named_parameters() if "_backbone." not in n and p.requires_grad]
-    groups = [{"params": heads, "scale": 1.0}, {"params": backbone, "scale": cfg.backbone_lr_scale}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: dict[str, list] = {"loss": [], "dev": []}
-    step, best, trained_s = 0, -1.0, 0.0
     c2i = train_ds.caption_to_image
-    for epoch in range(cfg.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(epoch, cfg) * group["scale"]
-        model.train()
-        t0 = time.perf_counter()
+
+    def batches() -> list[np.ndarray]:
         order = rng.permutation(len(c2i))
-        batches = [order[lo : lo + cfg.batch_size] for lo in range(0, len(order), cfg.batch_size)]
-        for cap in tqdm(
-            batches, desc=f"finetune {epoch + 1}/{cfg.epochs}", disable=not cfg.progress
-        ):
-            images = []
-            for i in c2i[cap]:
-                with Image.open(train_ds.images[i]) as im:
-                    images.append(im.convert("RGB"))
-            tok = model.tokenize([train_ds.captions[j] for j in cap])
-            img = model.encode_image(model.preprocess(images).to(cfg.device))
-            txt = model.encode_text(tok["input_ids"], tok["attention_mask"])
-            ids = torch.from_numpy(c2i[cap]).to(cfg.device)
-            parts = _loss(model, img, txt, ids, cfg, hardest=epoch >= cfg.warmup_epochs)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(heads + backbone, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            history["loss"].append((step, float(parts["loss"].detach())))
-        trained_s += time.perf_counter() - t0
-        metrics = _evaluate_raw(model, dev_ds, cfg.eval_batch_size)
-        history["dev"].append({"epoch": epoch + 1, "step": step, "seconds": trained_s, **metrics})
-        extra = {
-            "epoch": epoch + 1, "step": step, "dev_rsum": metrics["rsum"], "data": data_id,
-            "finetuned": True,
-        }  # fmt: skip
-        if metrics["rsum"] > best:
-            best = metrics["rsum"]
-            save_checkpoint(model, out / "best.safetensors", extra)
-        (out / "history.json").write_text(json.dumps(history["dev"], indent=1))
-        _plot(history, out / "curves.png")
-    return out / "best.safetensors"
+        return [order[lo : lo + cfg.batch_size] for lo in range(0, len(order), cfg.batch_size)]
+
+    def raw_loss(cap: np.ndarray, hardest: bool) -> tuple[dict[str, Tensor], int]:
+        """Raw images and captions -> full encoders -> loss."""
+        images = []
+        for i in c2i[cap]:
+            with Image.open(train_ds.images[i]) as im:
+                images.append(im.convert("RGB"))
+        tok = model.tokenize([train_ds.captions[j] for j in cap])
+        img = model.encode_image(model.preprocess(images).to(cfg.device))
+        txt = model.encode_text(tok["input_ids"], tok["attention_mask"])
+        ids = torch.from_numpy(c2i[cap]).to(cfg.device)
+        return _loss(model, img, txt, ids, cfg, hardest), len(cap)
+
+    run = _Run(
+        model=model,
+        optimizer=_optimizer(model, cfg),
+        batches=batches,
+        loss=raw_loss,
+        evaluate=lambda: _evaluate_raw(model, dev_ds, cfg.eval_batch_size),
+        out=out,
+        data_id=dataset_id(Path(cfg.data)),
+        label="finetune",
+        resumable=False,
+        checkpoint_extra={"finetuned": True},
+    )
+    return _fit(cfg, run)

@@ -142,10 +142,6 @@ def test_no_import_cycle_in_models() -> None:
     assert _cycles("models") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="index.gallery <-> index.multivector loop; gallery split pending (issue 16)",
-)
 def test_no_import_cycle_in_index() -> None:
     assert _cycles("index") == []
 

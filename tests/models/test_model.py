@@ -175,6 +175,21 @@ def test_video_gpo_and_frame_subsampling(pooling: str) -> None:
         model.embed_video_frames([])
 
 
+@pytest.mark.parametrize("video", ["mean", "gpo"])
+def test_segments_pool_each_over_its_own_frames(video: str) -> None:
+    model = XModal(tiny_config("gpo", video=video)).eval()
+    photos = synthetic_photos(7)
+    segments = [photos[:3], photos[3:4], photos[4:7]]  # ragged: padding must not leak
+    out = model.embed_segments(segments)
+    assert out.shape == (3, model.embed_dim) and out.dtype == np.float32
+    for row, seg in zip(out, segments, strict=True):  # the same as one clip per segment
+        np.testing.assert_allclose(row, model.embed_video_frames(seg)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="at least one frame"):
+        model.embed_segments([photos[:2], []])
+    with pytest.raises(ValueError, match="single-vector"):
+        XModal(tiny_config("set")).embed_segments([photos[:2]])
+
+
 def test_empty_inputs_give_empty_arrays() -> None:
     for pooling in ("gpo", "set"):
         model = XModal(tiny_config(pooling))
