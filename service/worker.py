@@ -435,18 +435,7 @@ class Worker:
         # Single-vector models: every frame of every segment in one image batch, then the
         # model's own temporal pooling per segment -> one vector per segment.
         segments = [s for w in group for s in w.content.segments]
-        frames = [f for s in segments for f in s.frames]
-        per_frame = torch.from_numpy(self.model.embed_images(frames))  # [F, D]
-        t = max(len(s.frames) for s in segments)
-        padded = per_frame.new_zeros(len(segments), t, per_frame.shape[-1])
-        lengths = torch.tensor([len(s.frames) for s in segments])
-        start = 0
-        for i, s in enumerate(segments):
-            padded[i, : len(s.frames)] = per_frame[start : start + len(s.frames)]
-            start += len(s.frames)
-        device = getattr(self.model, "device", torch.device("cpu"))
-        pooled = self.model.pool_frames(padded.to(device), lengths.to(device))
-        pooled = np.ascontiguousarray(pooled.float().cpu().numpy(), dtype=np.float32)
+        pooled = self.model.embed_segments([s.frames for s in segments])  # [S, D]
         out_vectors, start = [], 0
         for w in group:
             n = len(w.content.segments)
