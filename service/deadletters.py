@@ -2,8 +2,8 @@
 
 A dead letter keeps its item without the media bytes. Items that carry their content (text,
 a ``path`` under the media root) or whose spilled payload is still stored (Redis blob keys
-live ``blob_ttl_s``) are re-queued; the others are reported as not re-queueable (the embedded
-queue drops a dead letter's payload, so such an item must be ingested again from its file).
+live ``blob_ttl_s``; the embedded queue keeps a dead letter's payload until the dead letter is
+deleted) are re-queued; the others are reported as not re-queueable.
 The new messages are enqueued before the dead letters are deleted: a crash in between leaves
 a duplicate, which ingestion's content-hash check makes a no-op.
 """

@@ -536,6 +536,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 
+_LOCAL_BLOB = "local:"  # a dead letter's pointer into the embedded queue's blobs table
+
+
 class LocalQueue:
     """A durable single-host queue in SQLite (WAL, ``synchronous=FULL``) for embedded mode.
 
@@ -654,8 +657,21 @@ class LocalQueue:
         return []
 
     def dead_letter(self, message: Message, error: str) -> None:
-        item = {k: v for k, v in message.item.items() if k not in ("content", "data")}
+        # Keep what re-queueing needs: a small inline ``data`` stays in the item, a spilled
+        # payload stays in ``blobs`` and the item points at it (``local:<blob id>``); the blob
+        # goes when the dead letter does (delete_dead_letters).
+        item = {
+            k: v
+            for k, v in message.item.items()
+            if k not in ("content", "blob", "blob_missing")
+            and not (k == "data" and not isinstance(v, str))
+        }
         with self._lock, immediate(self._db) as cur:
+            row = cur.execute(
+                "SELECT blob_id FROM messages WHERE id = ?", (int(message.id),)
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                item["blob"] = f"{_LOCAL_BLOB}{int(row[0])}"
             cur.execute(
                 "INSERT INTO dead_letters (message_id, job_id, item, error, deliveries, at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -667,11 +683,6 @@ class LocalQueue:
                     message.deliveries,
                     time.time(),
                 ),
-            )
-            # The blob is dropped with the message: there is no TTL to reap it later.
-            cur.execute(
-                "DELETE FROM blobs WHERE id = (SELECT blob_id FROM messages WHERE id = ?)",
-                (int(message.id),),
             )
             cur.execute("DELETE FROM messages WHERE id = ?", (int(message.id),))
         _log_dead_letter(message, error)
@@ -709,15 +720,29 @@ class LocalQueue:
         ids = list(message_ids)
         if not ids:
             return 0
-        with self._lock:
-            cur = self._db.execute(
-                f"DELETE FROM dead_letters WHERE message_id IN ({','.join('?' * len(ids))})", ids
-            )
+        marks = ",".join("?" * len(ids))
+        with self._lock, immediate(self._db) as cur:
+            blobs = [
+                int(b[len(_LOCAL_BLOB) :])
+                for (item_json,) in cur.execute(
+                    f"SELECT item FROM dead_letters WHERE message_id IN ({marks})", ids
+                ).fetchall()
+                if str(b := json.loads(item_json).get("blob") or "").startswith(_LOCAL_BLOB)
+            ]
+            if blobs:
+                cur.execute(f"DELETE FROM blobs WHERE id IN ({','.join('?' * len(blobs))})", blobs)
+            cur.execute(f"DELETE FROM dead_letters WHERE message_id IN ({marks})", ids)
             return int(cur.rowcount)
 
     def load_blob(self, key: str) -> bytes | None:
-        """Embedded dead letters keep no payload (their blob is dropped): always None."""
-        return None
+        """The payload a dead letter kept (``local:<blob id>``), or None."""
+        if not key.startswith(_LOCAL_BLOB):
+            return None
+        with self._lock:
+            row = self._db.execute(
+                "SELECT data FROM blobs WHERE id = ?", (int(key[len(_LOCAL_BLOB) :]),)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def stats(self) -> dict[str, int]:
         return {
