@@ -28,7 +28,7 @@ def _compose() -> dict[str, Any]:
 
 def _k8s_docs() -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
-    for path in sorted((REPO / "k8s").glob("*.yaml")):
+    for path in sorted((REPO / "k8s" / "base").glob("*.yaml")):
         docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return docs
 
