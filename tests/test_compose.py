@@ -21,6 +21,7 @@ import yaml
 
 from service.cli import COMMANDS
 from service.settings import Settings
+from tests.deploy_env import unknown_xmodal_vars
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -42,6 +43,7 @@ def compose() -> dict[str, Any]:
 
 
 def _settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    assert unknown_xmodal_vars(env) == [], "unknown XMODAL_* settings"
     for key in list(os.environ):
         if key.startswith("XMODAL_"):
             monkeypatch.delenv(key)
