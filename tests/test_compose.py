@@ -121,6 +121,10 @@ def test_xmodal_services_run_real_commands_with_valid_settings(
     assert host in compose["services"], f"{name}: Redis host {host} is not a service"
     assert compose["services"][host]["image"].startswith("redis:")
     assert "redis" in svc["depends_on"]
+    media_root = str(settings.ingest.media_root)
+    assert _named_volumes(svc)[media_root] == "media", (
+        f"{name}: {media_root} must be the media volume"
+    )
     if command == "serve":
         assert settings.worker.embedded is False, "API replicas must not run their own worker"
         assert "api" in svc["networks"]["default"]["aliases"]
