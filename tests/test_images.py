@@ -213,3 +213,35 @@ def test_worker_healthcheck_probes_the_metrics_server() -> None:
         server.shutdown()
         thread.join(timeout=5)
     assert _run_healthcheck(f"http://127.0.0.1:{port}/metrics").returncode == 1
+
+
+def test_constraints_pin_every_runtime_dependency_at_a_valid_version() -> None:
+    import tomllib
+    from packaging.requirements import Requirement
+
+    sys.path.insert(0, str(REPO / "docker"))
+    try:
+        from freeze_constraints import closure  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(REPO / "docker"))
+
+    pins = {}
+    for line in (REPO / "docker" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"]:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-").replace(".", "-")
+        assert name in pins, f"{req.name} is not pinned in docker/constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} vs {spec}"
+        )
+    # the frozen closure is the one installed here (regenerate: python docker/freeze_constraints.py)
+    assert pins == closure(list(project["dependencies"]))
+    for path in DOCKERFILES:
+        args = dict(a.split("=", 1) for op, a in _instructions(path) if op == "ARG" and "=" in a)
+        assert args["TORCH_VERSION"] == pins["torch"]
+        assert args["TORCHVISION_VERSION"] == pins["torchvision"]
+        assert ("ENV", "PIP_CONSTRAINT=/src/docker/constraints.txt") in _instructions(path)
