@@ -239,7 +239,10 @@ def test_constraints_pin_every_runtime_dependency_at_a_valid_version() -> None:
             f"{name}=={pins[name]} vs {spec}"
         )
     # the frozen closure is the one installed here (regenerate: python docker/freeze_constraints.py)
-    assert pins == closure(list(project["dependencies"]))
+    frozen = closure(list(project["dependencies"]))
+    assert pins == frozen, (
+        "docker/constraints.txt is stale: run python docker/freeze_constraints.py"
+    )
     for path in DOCKERFILES:
         args = dict(a.split("=", 1) for op, a in _instructions(path) if op == "ARG" and "=" in a)
         assert args["TORCH_VERSION"] == pins["torch"]
