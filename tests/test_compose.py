@@ -156,6 +156,8 @@ def test_gpu_profile_reserves_a_gpu_for_the_cuda_worker(
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert _settings(gpu["environment"], monkeypatch).model.device == "cuda"
     assert _settings(services["worker"]["environment"], monkeypatch).model.device == "cpu"
+    # scraped by the same job as the CPU workers
+    assert gpu["networks"]["default"]["aliases"] == ["worker"]
 
 
 def test_prometheus_loads_the_config_and_alert_rules_it_mounts(compose: dict[str, Any]) -> None:
