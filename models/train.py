@@ -118,6 +118,11 @@ class TrainConfig(BaseModel):
     finetune_backbone: bool = False
     # Backbone LR = lr * scale when fine-tuning (full, or a tuned top: tune_blocks, tune_layers).
     backbone_lr_scale: float = 0.1
+    # GPO weight generators (the GRU + scorer of every GPO pool) learn at lr * gpo_lr_scale
+    # and are held still (lr 0) for the first gpo_freeze_epochs epochs, so the heads first
+    # learn under the pooling GPO starts from (max pooling with `head.gpo_init: "max"`).
+    gpo_lr_scale: float = Field(1.0, ge=0.0)
+    gpo_freeze_epochs: int = Field(0, ge=0)
     # Continue from out_dir/last.safetensors + train_state.pt when present.
     resume: bool = False
     eval_batch_size: int = 512
@@ -281,6 +286,40 @@ def _build_model(cfg: TrainConfig) -> Any:
     return XModal(model_config_for(cfg), pretrained=True).to(cfg.device)
 
 
+def _is_gpo(name: str) -> bool:
+    """True for the parameters of a GPO weight generator (``...gpo.gru.*``, ``...gpo.linear.*``)."""
+    return ".gpo." in f".{name}"
+
+
+def _max_length(feats: CachedFeatures) -> int:
+    """Longest set GPO will pool in this data: the image grid or the longest caption."""
+    longest_caption = int(np.diff(feats.text_offsets).max())
+    return max(int(feats.image_feats.shape[1]), longest_caption)
+
+
+def warm_start_gpo(model: Any, max_len: int) -> list[dict[str, float]]:
+    """Fit every GPO pool of ``model`` to max pooling when its config says ``gpo_init: max``.
+
+    Lengths ``1..max_len`` are fitted (models.gpo.fit_max_pooling); returns one fit report
+    per GPO module (empty when the config keeps the random initialisation).
+    """
+    from models.gpo import GPO, fit_max_pooling
+
+    head = model.config.head
+    if head.gpo_init != "max":
+        return []
+    reports = []
+    for name, module in model.named_modules():
+        if isinstance(module, GPO):
+            report = fit_max_pooling(module, max_len, rank0_weight=head.gpo_init_rank0)
+            logger.info(
+                "GPO warm start %s: max pooling over lengths 1..%d, min rank-0 weight %.4f "
+                "after %d steps", name, max_len, report["min_rank0"], int(report["steps"]),
+            )  # fmt: skip
+            reports.append(report)
+    return reports
+
+
 def _hinge(pos: Tensor, neg: Tensor, margin: float, hardest: bool) -> Tensor:
     """``sum_q [margin + neg[q, :] - pos[q]]_+`` (hardest: only the max), ``neg`` masked -inf."""
     cost = (margin + neg - pos[:, None]).clamp(min=0)
@@ -411,17 +450,27 @@ def train(cfg: TrainConfig) -> Path:
     dev_feats = load_split_features(dev_ds, model_cfg, cfg.cache_dir, cfg.device, cfg.progress)
     train_feats = train_feats.in_memory()  # random access; ~0.75 GB for Flickr8k at lite0/224
 
+    resuming = cfg.resume and (out / "train_state.pt").exists()
+    if not resuming:
+        warm_start_gpo(model, _max_length(train_feats))
     # Tuned backbone blocks (`tune_blocks`) learn at lr * backbone_lr_scale, the heads at lr.
     tuned = [p for n, p in model.named_parameters() if "_backbone." in n and p.requires_grad]
     heads = [p for n, p in model.named_parameters() if "_backbone." not in n and p.requires_grad]
-    params = heads + tuned
-    groups = [{"params": heads, "scale": 1.0}]
+    gpo: list[Tensor] = []
+    if cfg.gpo_lr_scale != 1.0 or cfg.gpo_freeze_epochs > 0:  # own group (else as before)
+        gpo = [p for n, p in model.named_parameters() if _is_gpo(n) and p.requires_grad]
+        gpo_ids = {id(p) for p in gpo}
+        heads = [p for p in heads if id(p) not in gpo_ids]
+    params = heads + tuned + gpo
+    groups: list[dict[str, Any]] = [{"params": heads, "scale": 1.0}]
     if tuned:
         groups.append({"params": tuned, "scale": cfg.backbone_lr_scale})
+    if gpo:
+        groups.append({"params": gpo, "scale": cfg.gpo_lr_scale, "gpo": True})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: dict[str, list] = {"loss": [], "dev": []}
     start_epoch, step, trained_s, best = 0, 0, 0.0, -1.0
-    if cfg.resume and (out / "train_state.pt").exists():
+    if resuming:
         state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=False)
         _, weights, backbones, _ = read_checkpoint(out / "last.safetensors")
         load_state_into(model, weights, backbones, out / "last.safetensors")
@@ -437,7 +486,8 @@ def train(cfg: TrainConfig) -> Path:
     for epoch in range(start_epoch, cfg.epochs):
         lr = _lr_at(epoch, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group["scale"]
+            frozen = group.get("gpo", False) and epoch < cfg.gpo_freeze_epochs
+            group["lr"] = 0.0 if frozen else lr * group["scale"]
         hardest = epoch >= cfg.warmup_epochs
         model.train()
         batches = _epoch_batches(train_feats, cfg, rng)
@@ -617,6 +667,7 @@ def train_finetune(cfg: TrainConfig) -> Path:
         cfg.model_copy(update={"model_overrides": _merge(overrides, cfg.model_overrides)})
     )
     model = XModal(mcfg, pretrained=True).to(cfg.device)
+    warm_start_gpo(model, max(mcfg.text.max_length, 64))  # raw path: no cache to measure
     train_ds, dev_ds = (
         load_dataset(cfg.data, cfg.train_split),
         load_dataset(cfg.data, cfg.dev_split),
