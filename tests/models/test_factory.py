@@ -18,6 +18,7 @@ from models.factory import DEFAULT_MODEL, create_model, get_model_config, list_m
 
 SHIPPED = {
     "effnet-lite0-minilm-gpo",
+    "effnet-lite0-minilm-gpo-tuned",
     "effnet-lite0-minilm-mean",
     "effnet-lite0-minilm-max",
     "effnet-lite0-minilm-max-tuned",
