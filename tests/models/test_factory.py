@@ -33,7 +33,7 @@ def test_list_models_contains_the_configs() -> None:
     names = list_models()
     assert set(names) >= SHIPPED
     assert names == sorted(names)
-    assert DEFAULT_MODEL == "effnet-lite0-minilm-max-tuned"
+    assert DEFAULT_MODEL == "effnet-lite0-minilm-gpo-tuned"
     assert get_model_config(DEFAULT_MODEL).embed_dim == 1024
 
 
