@@ -95,6 +95,12 @@ class HeadConfig(_Strict):
     # GPO positional-encoding size and GRU hidden size.
     gpo_d_pe: int = 32
     gpo_d_hidden: int = 32
+    # Initial GPO weights: "random" (PyTorch's GRU init: near-uniform rank weights, i.e. close
+    # to mean pooling, as VSE-infinity) or "max" (training first fits the weight generator so
+    # that every length 1..L pools like max: `gpo_init_rank0` on rank 0, the rest spread evenly;
+    # models.gpo.fit_max_pooling). Only training reads it; loading a checkpoint ignores it.
+    gpo_init: Literal["random", "max"] = "random"
+    gpo_init_rank0: float = Field(0.99, gt=0.0, le=1.0)
 
 
 class SimilarityConfig(_Strict):

@@ -166,3 +166,61 @@ class GPO(nn.Module):
         validate_lengths(lengths, n)
         weights = self.compute_pool_weights(lengths, n, features.dtype)  # [B, N]
         return pool_sorted(features, lengths, weights), weights
+
+
+@torch.no_grad()
+def min_rank0_weight(gpo: GPO, max_len: int) -> float:
+    """Smallest rank-0 weight GPO gives over the lengths ``1..max_len`` (1 = max pooling)."""
+    lengths = torch.arange(1, max_len + 1, device=gpo.div_term.device)
+    weights = gpo.compute_pool_weights(lengths, max_len, torch.float32)
+    return float(weights[:, 0].min())
+
+
+def fit_max_pooling(
+    gpo: GPO,
+    max_len: int,
+    rank0_weight: float = 0.99,
+    steps: int = 2000,
+    lr: float = 1e-2,
+    tolerance: float = 1e-3,
+) -> dict[str, float]:
+    """Warm start: fit GPO's weight generator (GRU + scorer) so that it pools like max.
+
+    Max pooling is the rank weights one-hot on rank 0.  For every length ``2..max_len`` at
+    once (one batch; length 1 is always exact) this minimises the binary cross-entropy between
+    GPO's rank-0 weight and ``rank0_weight`` with Adam, until the worst length is within
+    ``tolerance`` of it (checked every 25 steps) or ``steps`` run out.  ``rank0_weight`` = 1
+    targets exact max pooling; a little below 1 (the default 0.99) keeps the softmax off its
+    saturated corner so that training can still move the weights.  The weights do not depend
+    on the features, so no data is needed; the fit is deterministic for a given
+    initialisation and only changes ``gpo``'s parameters.
+
+    Returns:
+        ``steps`` run, final ``loss`` and ``min_rank0`` (the smallest rank-0 weight).
+    """
+    if not 0.0 < rank0_weight <= 1.0:
+        raise ValueError(f"rank0_weight must be in (0, 1], got {rank0_weight}")
+    if max_len < 2:
+        return {"steps": 0.0, "loss": 0.0, "min_rank0": 1.0}
+    lengths = torch.arange(2, max_len + 1, device=gpo.div_term.device)
+    optimizer = torch.optim.Adam(gpo.parameters(), lr=lr)
+    was_training = gpo.training
+    gpo.train()
+    loss = torch.tensor(0.0)
+    done = 0
+    with torch.enable_grad():
+        for done in range(1, steps + 1):
+            w0 = gpo.compute_pool_weights(lengths, max_len, torch.float32)[:, 0]
+            log_w0, log_rest = w0.clamp(min=1e-12).log(), (1 - w0).clamp(min=1e-12).log()
+            loss = -(rank0_weight * log_w0 + (1 - rank0_weight) * log_rest).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if done % 25 == 0 and min_rank0_weight(gpo, max_len) >= rank0_weight - tolerance:
+                break
+    gpo.train(was_training)
+    return {
+        "steps": float(done),
+        "loss": float(loss.detach()),
+        "min_rank0": min_rank0_weight(gpo, max_len),
+    }

@@ -106,6 +106,10 @@ class TrainConfig(BaseModel):
     # Set models (DivE): weights of the MMD and uniformity regularisers.
     mmd_weight: float = 0.01
     unif_weight: float = 0.01
+    # MMD over at most this many slot vectors per modality, drawn at random each step
+    # (the same estimate of the same discrepancy, from a sample); None = every slot of the
+    # batch (a grouped batch of 128 photos: 512 image slots against 2,560 caption slots).
+    mmd_samples: int | None = Field(None, ge=2)
     # Negatives: in-batch hardest, or in-batch + adaptive rank-aware negatives from a bank.
     sampler: Literal["in_batch", "adaptive"] = "in_batch"
     # Bank capacity per modality; None = one slot for every training item (the paper's
@@ -123,6 +127,11 @@ class TrainConfig(BaseModel):
     finetune_backbone: bool = False
     # Backbone LR = lr * scale when fine-tuning (full, or a tuned top: tune_blocks, tune_layers).
     backbone_lr_scale: float = 0.1
+    # GPO weight generators (the GRU + scorer of every GPO pool) learn at lr * gpo_lr_scale
+    # and are held still (lr 0) for the first gpo_freeze_epochs epochs, so the heads first
+    # learn under the pooling GPO starts from (max pooling with `head.gpo_init: "max"`).
+    gpo_lr_scale: float = Field(1.0, ge=0.0)
+    gpo_freeze_epochs: int = Field(0, ge=0)
     # Continue from out_dir/last.safetensors + train_state.pt when present.
     resume: bool = False
     eval_batch_size: int = 512
@@ -286,6 +295,40 @@ def _build_model(cfg: TrainConfig) -> Any:
     return XModal(model_config_for(cfg), pretrained=True).to(cfg.device)
 
 
+def _is_gpo(name: str) -> bool:
+    """True for the parameters of a GPO weight generator (``...gpo.gru.*``, ``...gpo.linear.*``)."""
+    return ".gpo." in f".{name}"
+
+
+def _max_length(feats: CachedFeatures) -> int:
+    """Longest set GPO will pool in this data: the image grid or the longest caption."""
+    longest_caption = int(np.diff(feats.text_offsets).max())
+    return max(int(feats.image_feats.shape[1]), longest_caption)
+
+
+def warm_start_gpo(model: Any, max_len: int) -> list[dict[str, float]]:
+    """Fit every GPO pool of ``model`` to max pooling when its config says ``gpo_init: max``.
+
+    Lengths ``1..max_len`` are fitted (models.gpo.fit_max_pooling); returns one fit report
+    per GPO module (empty when the config keeps the random initialisation).
+    """
+    from models.gpo import GPO, fit_max_pooling
+
+    head = model.config.head
+    if head.gpo_init != "max":
+        return []
+    reports = []
+    for name, module in model.named_modules():
+        if isinstance(module, GPO):
+            report = fit_max_pooling(module, max_len, rank0_weight=head.gpo_init_rank0)
+            logger.info(
+                "GPO warm start %s: max pooling over lengths 1..%d, min rank-0 weight %.4f "
+                "after %d steps", name, max_len, report["min_rank0"], int(report["steps"]),
+            )  # fmt: skip
+            reports.append(report)
+    return reports
+
+
 def _loss(
     model: Any,
     img: Tensor,
@@ -308,7 +351,8 @@ def _loss(
     """
     if owner is None:
         owner = torch.arange(txt.shape[0], device=img_ids.device)
-    sims = model.similarity(img, txt)  # [B, C], rows images, columns captions
+    with torch.profiler.record_function("similarity"):
+        sims = model.similarity(img, txt)  # [B, C], rows images, columns captions
     cols = torch.arange(txt.shape[0], device=sims.device)
     pos = sims[owner, cols]  # [C]
     cap_ids = img_ids[owner]  # [C] dataset image id of every caption
@@ -331,9 +375,15 @@ def _loss(
     }
     total = parts["i2t"] + parts["t2i"]
     if img.dim() == 3:  # set model: DivE regularisers
-        parts["mmd"] = mmd_loss(img, txt)["loss"]
-        parts["uniformity"] = uniformity_loss(img)["loss"] + uniformity_loss(txt)["loss"]
-        total = total + cfg.mmd_weight * parts["mmd"] + cfg.unif_weight * parts["uniformity"]
+        if cfg.mmd_weight > 0:
+            with torch.profiler.record_function("mmd"):
+                parts["mmd"] = mmd_loss(img, txt, max_samples=cfg.mmd_samples)["loss"]
+            total = total + cfg.mmd_weight * parts["mmd"]
+        if cfg.unif_weight > 0:
+            with torch.profiler.record_function("uniformity"):
+                unif = uniformity_loss(img)["loss"] + uniformity_loss(txt)["loss"]
+            parts["uniformity"] = unif
+            total = total + cfg.unif_weight * unif
     parts["loss"] = total
     return parts
 
@@ -381,9 +431,16 @@ def _optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     or whole backbones when fine-tuning) at ``lr * backbone_lr_scale``."""
     backbone = [p for n, p in model.named_parameters() if "_backbone." in n and p.requires_grad]
     heads = [p for n, p in model.named_parameters() if "_backbone." not in n and p.requires_grad]
-    groups = [{"params": heads, "scale": 1.0}]
+    gpo: list[Tensor] = []
+    if cfg.gpo_lr_scale != 1.0 or cfg.gpo_freeze_epochs > 0:  # GPO's own group (else as heads)
+        gpo = [p for n, p in model.named_parameters() if _is_gpo(n) and p.requires_grad]
+        gpo_ids = {id(p) for p in gpo}
+        heads = [p for p in heads if id(p) not in gpo_ids]
+    groups: list[dict[str, Any]] = [{"params": heads, "scale": 1.0}]
     if backbone:
         groups.append({"params": backbone, "scale": cfg.backbone_lr_scale})
+    if gpo:
+        groups.append({"params": gpo, "scale": cfg.gpo_lr_scale, "gpo": True})
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -424,8 +481,9 @@ def _fit(cfg: TrainConfig, run: _Run) -> Path:
     step, trained_s, best = run.step, run.trained_s, run.best
     for epoch in range(run.start_epoch, cfg.epochs):
         lr = _lr_at(epoch, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["scale"]
+        for group in optimizer.param_groups:  # GPO may sit out its first epochs (warm start)
+            frozen = group.get("gpo", False) and epoch < cfg.gpo_freeze_epochs
+            group["lr"] = 0.0 if frozen else lr * group["scale"]
         hardest = epoch >= cfg.warmup_epochs  # VSE0 warm-up, then VSE++
         model.train()
         batches = run.batches()
@@ -516,6 +574,9 @@ def train(cfg: TrainConfig) -> Path:
     dev_feats = load_split_features(dev_ds, model_cfg, cfg.cache_dir, cfg.device, cfg.progress)
     train_feats = train_feats.in_memory()  # random access; ~0.75 GB for Flickr8k at lite0/224
 
+    resuming = cfg.resume and (out / "train_state.pt").exists()
+    if not resuming:
+        warm_start_gpo(model, _max_length(train_feats))
     # Tuned backbone blocks (`tune_blocks`) learn at lr * backbone_lr_scale, the heads at lr.
     optimizer = _optimizer(model, cfg)
     resumed: dict[str, Any] = {}
@@ -680,6 +741,7 @@ def train_finetune(cfg: TrainConfig) -> Path:
         cfg.model_copy(update={"model_overrides": _merge(overrides, cfg.model_overrides)})
     )
     model = XModal(mcfg, pretrained=True).to(cfg.device)
+    warm_start_gpo(model, max(mcfg.text.max_length, 64))  # raw path: no cache to measure
     train_ds, dev_ds = (
         load_dataset(cfg.data, cfg.train_split),
         load_dataset(cfg.data, cfg.dev_split),

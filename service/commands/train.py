@@ -46,6 +46,8 @@ _FIELDS = {
     "device": "device",
     "threads": "num_threads",
     "backbone_lr_scale": "backbone_lr_scale",
+    "gpo_lr_scale": "gpo_lr_scale",
+    "gpo_freeze_epochs": "gpo_freeze_epochs",
     "seed": "seed",
 }
 
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone-lr-scale",
         type=float,
         help="LR of fine-tuned backbone weights (full, or tune_blocks) = lr * this (0.1)",
+    )
+    p.add_argument("--gpo-lr-scale", type=float, help="LR of GPO weight generators = lr * this")
+    p.add_argument(
+        "--gpo-freeze-epochs", type=int, help="hold GPO weight generators still this many epochs"
     )
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--no-progress", action="store_true")

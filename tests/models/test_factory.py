@@ -18,6 +18,7 @@ from models.factory import DEFAULT_MODEL, create_model, get_model_config, list_m
 
 SHIPPED = {
     "effnet-lite0-minilm-gpo",
+    "effnet-lite0-minilm-gpo-tuned",
     "effnet-lite0-minilm-mean",
     "effnet-lite0-minilm-max",
     "effnet-lite0-minilm-max-tuned",
@@ -32,7 +33,7 @@ def test_list_models_contains_the_configs() -> None:
     names = list_models()
     assert set(names) >= SHIPPED
     assert names == sorted(names)
-    assert DEFAULT_MODEL == "effnet-lite0-minilm-max-tuned"
+    assert DEFAULT_MODEL == "effnet-lite0-minilm-gpo-tuned"
     assert get_model_config(DEFAULT_MODEL).embed_dim == 1024
 
 

@@ -196,3 +196,26 @@ def test_grouped_epochs_embed_each_image_once_and_learn(
     assert history[-1]["rsum"] > 100  # chance ~40
     with pytest.raises(ValueError, match="grouped"):
         train(_cfg(data, cache, tmp_path / "x", epoch_mode="grouped", sampler="adaptive"))
+
+
+def test_gpo_warm_start_then_frozen_epoch(synthetic: tuple[Path, Path], tmp_path: Path) -> None:
+    from models.gpo import GPO, min_rank0_weight
+    from models.train import _build_model, warm_start_gpo
+
+    data, cache = synthetic
+    overrides = {"head": {"gpo_init": "max"}}
+    cfg = _cfg(data, cache, tmp_path, epochs=1, model_overrides=overrides, gpo_freeze_epochs=1)
+    best = train(cfg)
+    trained = load_checkpoint(best, pretrained=False)
+    assert trained.config.head.gpo_init == "max"  # the checkpoint carries the option
+    fresh = _build_model(cfg)
+    reports = warm_start_gpo(fresh, max_len=6)  # 6 grid cells, 5 tokens in this data
+    assert len(reports) == 2 and all(r["min_rank0"] >= 0.989 for r in reports)
+    for name in ("image_pool", "text_pool"):
+        gpo, ref = getattr(trained, name).gpo, getattr(fresh, name).gpo
+        assert isinstance(gpo, GPO) and min_rank0_weight(gpo, 6) >= 0.989  # pools like max
+        for p, q in zip(gpo.state_dict().values(), ref.state_dict().values(), strict=True):
+            assert torch.equal(p, q)  # frozen for the epoch: exactly the warm start
+    # The heads did train (not everything was frozen).
+    head_name = next(n for n in fresh.state_dict() if n.startswith("image_proj"))
+    assert not torch.equal(trained.state_dict()[head_name], fresh.state_dict()[head_name])
