@@ -71,6 +71,10 @@ class WorkerSettings(BaseModel):
     metrics_port: int = Field(9100, ge=0, le=65535)  # `xmodal worker` serves /metrics here; 0 = off
     heartbeat_interval_s: float = Field(5.0, gt=0)  # Redis heartbeat (service.heartbeat) period
     heartbeat_ttl_s: float = Field(15.0, gt=0)  # a worker silent this long is not live
+    read_block_ms: int = Field(500, ge=1)  # idle read timeout: how fast an idle worker notices stop
+    video_frame_budget: int = Field(1024, ge=1)  # sampled frames decoded at once, across videos
+    # threads decoding media (PIL, FFmpeg release the GIL); 0 = min(4, CPU count); 1 = inline
+    decode_threads: int = Field(0, ge=0)
 
 
 class ThumbnailSettings(BaseModel):

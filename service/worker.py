@@ -61,10 +61,6 @@ from service.thumbnails import ThumbnailWriter
 
 logger = logging.getLogger(__name__)
 
-READ_BLOCK_MS = 500  # idle read timeout: how fast an idle worker notices stop()
-VIDEO_FRAME_BUDGET = 1024  # sampled frames decoded (held in memory) at once, across videos
-DECODE_THREADS = min(4, os.cpu_count() or 1)  # PIL and FFmpeg decode outside the GIL
-
 
 @dataclass
 class BatchReport:
@@ -113,7 +109,7 @@ class Worker:
         on_batch: called with each :class:`BatchReport` (tests, custom metrics).
         record_metrics: record into :mod:`service.metrics` (Prometheus).
         stop_event: an event shared with the caller; setting it stops the loop (like stop()).
-        decode_threads: threads decoding media in parallel (1 = in the worker thread).
+        decode_threads: threads decoding media in parallel (default: settings.worker).
     """
 
     def __init__(
@@ -128,7 +124,7 @@ class Worker:
         on_batch: Callable[[BatchReport], None] | None = None,
         record_metrics: bool = True,
         stop_event: threading.Event | None = None,
-        decode_threads: int = DECODE_THREADS,
+        decode_threads: int | None = None,
     ) -> None:
         self.model = model
         self.queue = queue
@@ -140,10 +136,10 @@ class Worker:
         self.on_batch = on_batch
         self.record_metrics = record_metrics
         self._stop = stop_event if stop_event is not None else threading.Event()
+        threads = decode_threads if decode_threads is not None else self.cfg.decode_threads
+        threads = threads or min(4, os.cpu_count() or 1)
         self._pool = (
-            ThreadPoolExecutor(decode_threads, thread_name_prefix="xmodal-decode")
-            if decode_threads > 1
-            else None
+            ThreadPoolExecutor(threads, thread_name_prefix="xmodal-decode") if threads > 1 else None
         )
         self._busy = threading.Lock()  # held while a batch is in flight
         self._claim_every = max(0.05, min(self.cfg.claim_idle_ms / 2000, 30.0))
@@ -203,10 +199,10 @@ class Worker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def run_once(self, block_ms: int = READ_BLOCK_MS) -> BatchReport:
+    def run_once(self, block_ms: int | None = None) -> BatchReport:
         """Collect one dynamic batch (waiting up to ``block_ms`` for the first message) and
         process it. Returns what happened (``read == 0`` when idle)."""
-        messages = self._collect(block_ms)
+        messages = self._collect(block_ms if block_ms is not None else self.cfg.read_block_ms)
         if not messages:
             self._update_queue_gauges()
             return BatchReport()
@@ -352,7 +348,7 @@ class Worker:
         # Videos are decoded here, a chunk at a time under a frame budget, so a batch of long
         # clips never holds all their frames at once.
         videos = [w for w in todo if w.modality == "video"]
-        for chunk in _chunks_by_frames(videos, self.ingest, VIDEO_FRAME_BUDGET):
+        for chunk in _chunks_by_frames(videos, self.ingest, self.cfg.video_frame_budget):
             decoded = []
             for w, result in zip(chunk, self._map(self._load_video, chunk), strict=True):
                 if isinstance(result, MediaError):

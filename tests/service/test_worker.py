@@ -366,7 +366,6 @@ def test_set_model_and_bad_videos(tmp_path: Path, media_root: Path, video_dir: P
     video fails alone; videos are decoded in chunks under the frame budget."""
     from models.factory import get_model_config
     from models.model import XModal
-    from service import worker as worker_module
 
     cfg = get_model_config("tiny-random")
     cfg = cfg.model_copy(
@@ -390,15 +389,12 @@ def test_set_model_and_bad_videos(tmp_path: Path, media_root: Path, video_dir: P
     ]
     jobs.create("j", [i["id"] for i in items])
     queue.enqueue("j", items)
-    worker = Worker(
-        set_model, queue, jobs, GallerySink(galleries), make_settings(tmp_path, media_root)
-    )
-    budget = worker_module.VIDEO_FRAME_BUDGET
-    worker_module.VIDEO_FRAME_BUDGET = 8  # each clip needs 6-10 frames: one clip per chunk
+    settings = make_settings(tmp_path, media_root)
+    settings.worker.video_frame_budget = 8  # each clip needs 6-10 frames: one clip per chunk
+    worker = Worker(set_model, queue, jobs, GallerySink(galleries), settings)
     try:
         drain(worker, queue)
     finally:
-        worker_module.VIDEO_FRAME_BUDGET = budget
         worker.close()
     status = {i.id: i for i in jobs.get("j").items}  # type: ignore[union-attr]
     assert status["cut"].state == "failed" and status["cut"].error
