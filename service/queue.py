@@ -12,11 +12,12 @@ same at-least-once semantics:
 - ``nack`` records why a delivery failed (the message stays pending and is retried after the
   claim timeout), and ``dead_letter`` parks a message that keeps failing, with its error, in a
   dead-letter stream/table and removes it from the queue.
-- ``recover`` hands a restarted consumer what it held when it died, at once; ``heartbeat`` /
-  ``reclaim_dead`` let live workers take a dead peer's pending work in seconds (Redis: a key
-  ``<stream>:alive:<consumer>`` with a TTL; embedded: one process owns the file, so
-  ``recover`` is enough); ``mark_solo`` counts a message's tries alone, durably, so the
-  worker can pin a crash on the item that causes it (``<stream>:solo`` hash / ``solo`` column).
+- ``recover`` hands a restarted consumer what it held when it died, at once;
+  ``reclaim_dead`` lets live workers take a dead peer's pending work in seconds (Redis: a
+  peer whose heartbeat record ``<stream>:worker:<consumer>`` of :mod:`service.heartbeat`
+  expired is dead; embedded: one process owns the file, so ``recover`` is enough);
+  ``mark_solo`` counts a message's tries alone, durably, so the worker can pin a crash on
+  the item that causes it (``<stream>:solo`` hash / ``solo`` column).
 
 Large payloads (the spill choice). Base64 media is not kept inside stream entries: an item
 whose ``data`` is bytes, or a base64 string longer than ``spill_bytes``, is decoded once at
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from service.heartbeat import beat_prefix
 from service.media import MediaError, decode_base64
 from service.settings import QueueSettings
 from service.sqlite import immediate
@@ -119,10 +121,6 @@ class IngestQueue(Protocol):
     def mark_solo(self, message: Message) -> int:
         """Durably count one more delivery of ``message`` alone (before processing it, so a
         crash counts); returns the count, also stored on ``message.solo``."""
-        ...
-
-    def heartbeat(self, consumer: str, ttl_ms: int) -> None:
-        """``consumer`` is alive for ``ttl_ms`` more (Redis: a key with a TTL; embedded: no-op)."""
         ...
 
     def reclaim_dead(self, consumer: str, count: int) -> list[Message]:
@@ -217,7 +215,7 @@ class RedisStreamQueue:
         self.errors_key = f"{stream}:errors"
         self.blob_prefix = f"{stream}:blob:"
         self.solo_key = f"{stream}:solo"  # hash: message id -> deliveries alone
-        self.alive_prefix = f"{stream}:alive:"  # key per live consumer, with a TTL
+        self.alive_prefix = beat_prefix(stream)  # the workers' heartbeats (service.heartbeat)
         self._recover_from: dict[str, str] = {}  # consumer -> last id recover() handed out
         self.maxlen, self.dead_maxlen = maxlen, dead_maxlen
         self.spill_bytes, self.blob_ttl_s = spill_bytes, blob_ttl_s
@@ -336,9 +334,6 @@ class RedisStreamQueue:
     def mark_solo(self, message: Message) -> int:
         message.solo = int(self.redis.hincrby(self.solo_key, message.id, 1))
         return message.solo
-
-    def heartbeat(self, consumer: str, ttl_ms: int) -> None:
-        self.redis.set(self.alive_prefix + consumer, f"{time.time():.3f}", px=ttl_ms)
 
     def reclaim_dead(self, consumer: str, count: int, min_idle_ms: int = 1000) -> list[Message]:
         """Consumers with pending work and no heartbeat key are dead: ``XCLAIM`` their
@@ -649,9 +644,6 @@ class LocalQueue:
             ).fetchone()
         message.solo = int(row[0]) if row else message.solo + 1
         return message.solo
-
-    def heartbeat(self, consumer: str, ttl_ms: int) -> None:
-        return None  # one process owns the file: recover() at start-up is enough
 
     def reclaim_dead(self, consumer: str, count: int) -> list[Message]:
         return []

@@ -65,12 +65,12 @@ class WorkerSettings(BaseModel):
     batch_wait_ms: int = Field(200, ge=0)  # how long to wait to fill a batch
     max_deliveries: int = Field(3, ge=1)  # after this many failed tries: dead-letter
     claim_idle_ms: int = Field(60_000, ge=1)  # reclaim messages pending longer than this
-    heartbeat_ttl_ms: int = Field(5_000, ge=100)  # a worker silent this long is dead: reclaimed
     consumer: str = Field(default_factory=socket.gethostname)  # consumer name in the group
     embedded: bool = True  # serve runs an in-process worker when no Redis URL is set
     metrics_port: int = Field(9100, ge=0, le=65535)  # `xmodal worker` serves /metrics here; 0 = off
-    heartbeat_interval_s: float = Field(5.0, gt=0)  # Redis heartbeat (service.heartbeat) period
-    heartbeat_ttl_s: float = Field(15.0, gt=0)  # a worker silent this long is not live
+    heartbeat_interval_s: float = Field(1.0, gt=0)  # Redis heartbeat (service.heartbeat) period
+    # a worker silent this long is not live: /readyz drops it, peers reclaim its pending work
+    heartbeat_ttl_s: float = Field(5.0, gt=0)
     read_block_ms: int = Field(500, ge=1)  # idle read timeout: how fast an idle worker notices stop
     video_frame_budget: int = Field(1024, ge=1)  # sampled frames decoded at once, across videos
     # threads decoding media (PIL, FFmpeg release the GIL); 0 = min(4, CPU count); 1 = inline

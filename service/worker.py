@@ -29,9 +29,10 @@ Per batch:
 Unexpected errors (not bad media) are recorded with ``nack`` and the message stays pending; it
 is reclaimed (``XAUTOCLAIM``) after ``worker.claim_idle_ms`` by whichever worker gets there
 first. Crashed work comes back faster: a starting worker first takes back what its consumer
-held when it died (``queue.recover``), and workers beat a heartbeat key (TTL
-``worker.heartbeat_ttl_ms``) from a thread of their own, so a peer whose beats stopped has its
-pending entries claimed in full batches within seconds (``queue.reclaim_dead``).
+held when it died (``queue.recover``), and Redis workers beat their heartbeat record
+(:mod:`service.heartbeat`, TTL ``worker.heartbeat_ttl_s``) from a thread of their own, so a
+peer whose beats stopped has its pending entries claimed in full batches within seconds
+(``queue.reclaim_dead``).
 ``stop()`` lets the in-flight batch finish.
 """
 
@@ -146,8 +147,7 @@ class Worker:
         self._next_claim = 0.0
         self.thumbnails = ThumbnailWriter(settings)  # previews for the search page
         self._recovered = False  # recover() this consumer's own pending work first
-        self._beat_every = self.cfg.heartbeat_ttl_ms / 5000  # five beats per TTL
-        self._next_beat = 0.0
+        self._settings = settings
         self._next_dead_check = 0.0
 
     # ---- loop ---------------------------------------------------------------------------
@@ -155,8 +155,13 @@ class Worker:
     def run(self) -> None:
         """Process batches until :meth:`stop`; errors are logged, the loop keeps going."""
         logger.info("worker %s started", self.consumer)
-        beats = threading.Thread(target=self._beat_loop, name="xmodal-heartbeat", daemon=True)
-        beats.start()
+        # Redis mode: the one liveness record (service.heartbeat), from a thread of its own so a
+        # long batch never looks dead; /readyz reads it, and peers reclaim work once it expires
+        heartbeat = None
+        if getattr(self.queue, "redis", None) is not None:
+            from service.heartbeat import start_worker_heartbeat
+
+            heartbeat = start_worker_heartbeat(self._settings, self)
         backoff = 0.5
         while not self._stop.is_set():
             try:
@@ -168,22 +173,10 @@ class Worker:
                 )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)  # resume soon after an outage
+        if heartbeat is not None:
+            heartbeat.stop()  # no longer live: its key goes at once
         self.close()
         logger.info("worker %s stopped", self.consumer)
-
-    def _beat(self) -> None:
-        """Tell peers this consumer is alive (they reclaim its work once the beats stop)."""
-        self._next_beat = time.monotonic() + self._beat_every
-        try:
-            self.queue.heartbeat(self.consumer, self.cfg.heartbeat_ttl_ms)
-        except Exception as exc:  # noqa: BLE001 - the loop reports storage errors itself
-            logger.debug("heartbeat of %s failed: %r", self.consumer, exc)
-
-    def _beat_loop(self) -> None:
-        """Beats from their own thread, so a long batch never looks like a dead worker."""
-        while not self._stop.is_set():
-            self._beat()
-            self._stop.wait(self._beat_every)
 
     def stop(self) -> None:
         """Ask the loop to exit after the in-flight batch."""
@@ -213,13 +206,11 @@ class Worker:
         size = self.cfg.batch_size
         messages: list[Message] = []
         now = time.monotonic()
-        if now >= self._next_beat:
-            self._beat()
         if not self._recovered:  # what this consumer held when it died: at once
             messages += self.queue.recover(self.consumer, size)
             self._recovered = len(messages) < size
         if len(messages) < size and now >= self._next_dead_check:  # crashed peers' work
-            self._next_dead_check = now + self._beat_every
+            self._next_dead_check = now + self.cfg.heartbeat_interval_s
             messages += self.queue.reclaim_dead(self.consumer, size - len(messages))
         if len(messages) < size and now >= self._next_claim:  # stuck deliveries
             want = size - len(messages)

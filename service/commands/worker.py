@@ -80,10 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from service.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
-    worker = build_worker(settings)
-    from service.heartbeat import start_worker_heartbeat
-
-    heartbeat = start_worker_heartbeat(settings, worker)  # /readyz and /jobs see it live
+    worker = build_worker(settings)  # its run() beats the heartbeat /readyz and /jobs read
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if worker.stopping:
@@ -100,7 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         worker.run()
     finally:
-        heartbeat.stop()
         for closable in (worker.queue, worker.jobs, worker.sink):
             close = getattr(closable, "close", None)
             if close is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from service.heartbeat import Heartbeat
 from service.queue import IngestQueue, LocalQueue, RedisStreamQueue
 
 
@@ -183,8 +184,9 @@ def test_a_redis_consumer_recovers_its_own_pending_first(redis_url: str) -> None
 def test_a_dead_peers_work_is_reclaimed_once_its_heartbeat_expires(redis_url: str) -> None:
     queue = RedisStreamQueue(redis_url)
     queue.enqueue("j", [{"id": f"i{n}", "modality": "text", "text": "x"} for n in range(6)])
-    queue.heartbeat("alive", 60_000)
-    queue.heartbeat("dying", 100)
+    # the workers' heartbeat records (service.heartbeat) are what liveness means here
+    Heartbeat(queue.redis, "alive", stream=queue.stream, interval_s=1, ttl_s=60).beat()
+    Heartbeat(queue.redis, "dying", stream=queue.stream, interval_s=0.05, ttl_s=0.1).beat()
     assert len(queue.read("alive", 2)) == 2
     assert len(queue.read("dying", 4)) == 4
     assert queue.reclaim_dead("me", 10, min_idle_ms=0) == []  # both still beat
