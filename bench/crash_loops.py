@@ -217,7 +217,7 @@ def wait_drained(url: str, ledger: Ledger, timeout: float = 600.0) -> dict[str, 
     index_size = sum(
         float(line.split()[-1])
         for line in metrics.splitlines()
-        if line.startswith("xmodal_index_size{")
+        if line.startswith("xmodal_index_items{")
     )
     dead = [ln for ln in metrics.splitlines() if ln.startswith("xmodal_ingest_dead_letters ")]
     accepted = ledger.accepted_ids()

@@ -74,8 +74,8 @@ def static_file(name: str) -> FileResponse:
 
 @router.get("/ui/config", response_model=PageConfig)
 def page_config(state: State) -> PageConfig:
-    """Whether reads/writes need a key, the QB-Norm default and the ingest limits (no secrets:
-    a 401 would tell as much). Open, so the page can ask for a key before its first search."""
+    """Whether reads/writes need a key, the QB-Norm default and the ingest limits; open."""
+    # No secrets here (a 401 would tell as much); open, so the page can ask for a key first.
     settings = state.settings
     auth = settings.auth
     return PageConfig(

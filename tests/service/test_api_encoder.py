@@ -124,6 +124,14 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),
+        ("get", "/limits"),
+        ("get", "/jobs"),
+        ("get", "/dead-letters"),
+        ("post", "/dead-letters/requeue"),
+        ("post", "/snapshots"),
+        ("post", "/items/hashes"),
+        ("get", "/items/{item_id}/thumbnail"),
+        ("get", "/ui/config"),
     }
     found = {(m, p) for p, ops in spec["paths"].items() for m in ops}
     assert found == expected

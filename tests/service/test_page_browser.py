@@ -511,7 +511,11 @@ def test_key_dialog_when_reads_need_a_key(
         dialog.get_by_role("button", name="Use this key").click()
         assert _wait_results(pg) == ["only"]
         assert not dialog.is_visible()
-        # <img src> cannot send the key: the page fetched the thumbnail with it (a blob: URL)
+        # <img src> cannot send the key: the page fetched the thumbnail with it (a blob: URL),
+        # asynchronously, so wait until it is set rather than for the (src-less) img to settle
+        pg.wait_for_function(
+            "() => [...document.querySelectorAll('#results img')].some(i => i.naturalWidth > 0)"
+        )
         assert _loaded_images(pg) == 1
         assert pg.locator("#results img").get_attribute("src").startswith("blob:")
     finally:
