@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from synthetic import clustered, unit  # noqa: E402
 
 from index.gallery import GalleryConfig, VectorIndex, auto_factory, exact_topk  # noqa: E402
+from index.multivector import search_items  # noqa: E402
 
 
 def queries_near(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -118,7 +119,7 @@ def bench_multivector(args) -> dict:  # type: ignore[no-untyped-def]
             found = []
             for i in range(len(q)):
                 t = time.perf_counter()
-                found.append(g.search(q[i : i + 1], 10, shortlist=n)[0])
+                found.append(search_items(g, q[i : i + 1], 10, shortlist=n)[0])
                 lat.append(time.perf_counter() - t)
             recall = np.mean(
                 [

@@ -17,7 +17,8 @@ Files under ``path``: ``snapshot.<gen>.bin``, ``index.<gen>.faiss``, ``log.<gen>
 
 This module is the orchestration only: the data types live in :mod:`index.records`, the
 FAISS index and its tuning in :mod:`index.vector_index`, the file formats in
-:mod:`index.log` and :mod:`index.snapshot`, and set-item search in :mod:`index.multivector`.
+:mod:`index.log` and :mod:`index.snapshot`; set-item search is :mod:`index.multivector`, which
+reads the gallery (never the other way round).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from index.log import WriteAheadLog, fsync_dir
-from index.multivector import search_multivector
 from index.records import Candidates, GalleryConfig, Hit, Listener, Record, content_hash
 from index.snapshot import (
     pack_change,
@@ -417,23 +417,17 @@ class Gallery:
     # ---- search -----------------------------------------------------------------------
 
     def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        filter: dict[str, Any] | None = None,
-        shortlist: int | None = None,
+        self, queries: np.ndarray, k: int, filter: dict[str, Any] | None = None
     ) -> list[list[Hit]]:
-        """Top-``k`` items per query, best vector per item, optional metadata equality filter.
-
-        ``queries``: ``[Q,D]`` (or ``[D]``); for set models ``[Q,K,D]`` (max-similarity
-        shortlist of ``shortlist`` items re-ranked exactly with Smooth-Chamfer, by
-        :func:`index.multivector.search_multivector` over this gallery's public reads).
-        """
+        """Top-``k`` items per single-vector query ``[Q,D]`` (or ``[D]``), best vector per item,
+        optional metadata equality filter. Set items (``num_vectors > 1``) are searched from
+        above, by :func:`index.multivector.search_items`, over this gallery's public reads."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 3 or self.num_vectors > 1:
-            if q.ndim == 2 and self.num_vectors > 1 and q.shape[0] == self.num_vectors:
-                q = q[None]
-            return search_multivector(self, q, k, filter=filter, shortlist=shortlist)
+            raise ValueError(
+                "set items are searched by index.multivector.search_items (Smooth-Chamfer "
+                "re-rank), not by the gallery"
+            )
         if q.ndim == 1:
             q = q[None]
         if q.ndim != 2 or q.shape[1] != self.dim:

@@ -68,6 +68,24 @@ def set_similarity(
     return out.numpy().astype(np.float32, copy=False)
 
 
+def search_items(
+    gallery: Any,
+    queries: np.ndarray,
+    k: int,
+    filter: dict[str, Any] | None = None,
+    shortlist: int | None = None,
+) -> list[list[Hit]]:
+    """Top-``k`` items of ``gallery`` per query, whatever its kind: set galleries
+    (``num_vectors > 1``, or ``[Q,K,D]`` queries) through :func:`search_multivector`, single
+    vectors through ``gallery.search``. The one entry point for callers above the gallery."""
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 3 or gallery.num_vectors > 1:
+        if q.ndim == 2 and gallery.num_vectors > 1 and q.shape[0] == gallery.num_vectors:
+            q = q[None]  # one set query [K,D]
+        return search_multivector(gallery, q, k, filter=filter, shortlist=shortlist)
+    return list(gallery.search(q, k, filter=filter))
+
+
 def search_multivector(
     gallery: SetGallery,
     queries: np.ndarray,

@@ -52,7 +52,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from index.gallery import Gallery
-from index.multivector import set_similarity
+from index.multivector import search_items, set_similarity
 from index.records import Candidates, Hit, Record
 
 if TYPE_CHECKING:
@@ -339,7 +339,7 @@ class QBNormalizer:
         g = self._require_gallery()
         kk = self._top_scores.shape[1]
         n = 4 * kk + _REFILL_MARGIN
-        for row, hits in zip(rows, g.search(self.bank[rows], n), strict=True):
+        for row, hits in zip(rows, search_items(g, self.bank[rows], n), strict=True):
             self._top_scores[row] = -np.inf
             self._top_idx[row] = -1
             recs = [r for r in (g.get(h.id) for h in hits) if r is not None]
@@ -421,11 +421,11 @@ class QBNormalizer:
         g = self._require_gallery()
         mode = mode or self.config.mode
         if mode == "off":
-            return g.search(queries, k, filter=filter)
+            return search_items(g, queries, k, filter=filter)
         cap = max(k, shortlist or self.config.shortlist)
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 3 or g.num_vectors > 1:  # set models: Smooth-Chamfer shortlist first
-            return [row[:k] for row in self.apply(g.search(q, cap, filter=filter), mode)]
+            return [row[:k] for row in self.apply(search_items(g, q, cap, filter=filter), mode)]
         if q.ndim == 1:
             q = q[None]
         n = min(cap, max(4 * k, MIN_ADAPTIVE_SHORTLIST)) if self.config.adaptive else cap

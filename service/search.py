@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from index.multivector import search_items
 from service import media, metrics
 from service.schemas import Modality, SearchRequest, SearchResult
 from service.settings import MODALITIES
@@ -156,7 +157,7 @@ def search_targets(
                 for h in hits[0]
             )
         else:
-            hits = gallery.search(q, n, filter=flt or None)
+            hits = search_items(gallery, q, n, filter=flt or None)
             metrics.SEARCH_STAGE.labels("search").observe(time.perf_counter() - t0)
             out.extend((modality, h, float(h.score), float(h.score)) for h in hits[0])
     return out, applied

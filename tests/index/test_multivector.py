@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from index.gallery import Gallery, GalleryConfig, Record
-from index.multivector import brute_force_multivector, set_similarity
+from index.multivector import brute_force_multivector, search_items, set_similarity
 from tests.index.helpers import clustered, unit
 
 DIM, K = 32, 4
@@ -48,7 +48,7 @@ def test_shortlist_rerank_matches_brute_force_smooth_chamfer(tmp_path: Path) -> 
     rng = np.random.default_rng(3)
     queries = unit(items[:60] + rng.normal(scale=0.8 / np.sqrt(DIM), size=items[:60].shape))
     truth = brute_force_multivector(g, queries, 10)
-    found = g.search(queries, 10, shortlist=100)
+    found = search_items(g, queries, 10, shortlist=100)
     recall = np.mean(
         [len({h.id for h in a} & {h.id for h in b}) / 10 for a, b in zip(truth, found, strict=True)]
     )
@@ -59,7 +59,7 @@ def test_shortlist_rerank_matches_brute_force_smooth_chamfer(tmp_path: Path) -> 
         abs=1e-4,
     )
     # filters apply to set items too
-    filtered = g.search(queries[:5], 5, filter={"even": True})
+    filtered = search_items(g, queries[:5], 5, filter={"even": True})
     assert all(int(h.id[1:]) % 2 == 0 for row in filtered for h in row)
     assert all(len(row) == 5 for row in filtered)
     with pytest.raises(ValueError, match="set items need 4 vectors"):
@@ -82,7 +82,7 @@ def test_set_search_scores_exact_and_ties_go_to_the_item_added_first(tmp_path: P
     # s0 and s1 hold the same slots: equal scores everywhere, so s0 (added first) leads
     g.upsert([Record("s0", items[0]), Record("s1", items[0])])
     g.upsert([Record(f"s{i}", v) for i, v in enumerate(items[2:], start=2)])
-    hits = g.search(items[:1], 5, shortlist=50)[0]
+    hits = search_items(g, items[:1], 5, shortlist=50)[0]
     assert [h.id for h in hits[:2]] == ["s0", "s1"]
     assert hits[0].score == hits[1].score
     for h in hits:  # every score is the per-item Smooth-Chamfer
@@ -91,7 +91,7 @@ def test_set_search_scores_exact_and_ties_go_to_the_item_added_first(tmp_path: P
     # the slot cache follows replacements and removals
     g.upsert([Record("s0", items[7])])
     g.remove(["s1"])
-    hits = g.search(items[:1], 5, shortlist=50)[0]
+    hits = search_items(g, items[:1], 5, shortlist=50)[0]
     assert "s1" not in {h.id for h in hits}
     # the replaced s0 now holds s7's slots and counts as added after s7
-    assert [h.id for h in g.search(items[7:8], 2, shortlist=50)[0]] == ["s7", "s0"]
+    assert [h.id for h in search_items(g, items[7:8], 2, shortlist=50)[0]] == ["s7", "s0"]
