@@ -19,7 +19,6 @@ from index.querybank import (
     QueryBank,
     QueryBankStore,
     RedisQueryBankStore,
-    open_querybank_store,
 )
 from index.records import Candidates, GalleryConfig, Hit, Record
 from index.vector_index import VectorIndex
@@ -42,7 +41,6 @@ __all__ = [
     "brute_force_multivector",
     "dynamic_inverted_softmax",
     "inverted_softmax",
-    "open_querybank_store",
     "search_multivector",
     "set_similarity",
 ]

@@ -322,12 +322,3 @@ class FileQueryBankStore(QueryBankStore):
             version = self._load(model, direction)[1]
             if self._path(model, direction).exists():
                 self._save(model, direction, np.zeros((0, 1), np.float32), [], 0, version + 1, True)
-
-
-def open_querybank_store(
-    redis_url: str | None, data_dir: Path, cap: int = DEFAULT_CAP
-) -> QueryBankStore:
-    """Redis when a URL is configured, else files under ``data_dir / "querybank"``."""
-    if redis_url:
-        return RedisQueryBankStore(redis_url, cap=cap)
-    return FileQueryBankStore(Path(data_dir) / "querybank", cap=cap)

@@ -145,7 +145,8 @@ def restore_snapshot(src: Path, settings: Any, force: bool = False) -> dict[str,
     (then that model's galleries are replaced). The querybank goes where the service reads it
     (files under the data dir, or Redis when ``settings.redis_url`` is set).
     """
-    from index.querybank import FileQueryBankStore, open_querybank_store
+    from index.querybank import FileQueryBankStore
+    from service.backends import open_backends
 
     src = Path(src)
     manifest = read_manifest(src)
@@ -168,7 +169,8 @@ def restore_snapshot(src: Path, settings: Any, force: bool = False) -> dict[str,
                 shutil.copy2(f, target / f.name)
     if manifest["querybank"]:
         source = FileQueryBankStore(src / "querybank", fsync=False)
-        store = open_querybank_store(settings.redis_url, data_dir)
+        store = open_backends(settings, parts=("querybank",)).querybank
+        assert store is not None
         try:
             for direction in manifest["querybank"]:
                 bank = source.get(manifest["model"], direction)

@@ -11,7 +11,6 @@ from index.querybank import (
     FileQueryBankStore,
     QueryBankStore,
     RedisQueryBankStore,
-    open_querybank_store,
 )
 from tests.index.helpers import unit
 
@@ -82,8 +81,3 @@ def test_concurrent_appends_are_atomic(make_store: Callable[..., QueryBankStore]
     bank = stores[1].get("m", "v2t")
     assert bank is not None and len(bank) == 41 and bank.version == 41
     assert len(set(bank.texts)) == 41
-
-
-def test_open_querybank_store_picks_the_backend(tmp_path: Path, redis_url: str) -> None:
-    assert isinstance(open_querybank_store(None, tmp_path), FileQueryBankStore)
-    assert isinstance(open_querybank_store(redis_url, tmp_path), RedisQueryBankStore)

@@ -103,9 +103,9 @@ def test_querybank_build_stores_the_bank(
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["encoded"] == 4 and summary["size"] == 4 and summary["direction"] == "t2v"
 
-    from index.querybank import open_querybank_store
+    from index.querybank import FileQueryBankStore
 
-    bank = open_querybank_store(None, tmp_path / "data").get("tiny-random", "t2v")
+    bank = FileQueryBankStore(tmp_path / "data" / "querybank").get("tiny-random", "t2v")
     assert bank is not None and len(bank) == 4 and bank.vectors.shape == (4, 64)
     assert bank.texts == ["a dog", "a cat", "a brown dog", "dog"]
     assert cli.main(["querybank", "build", "--data", str(tmp_path / "missing")]) == 2
