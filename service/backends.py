@@ -14,7 +14,7 @@ import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from service.settings import Settings
 
@@ -50,13 +50,17 @@ class Backends:
 
     def close(self) -> None:
         for name in BACKEND_PARTS:
-            obj = getattr(self, name)
-            close = getattr(obj, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    logger.exception("closing the %s failed", name)
+            close_quietly(name, getattr(self, name))
+
+
+def close_quietly(name: str, obj: Any) -> None:
+    """``obj.close()`` when it has one; a failure is logged, not raised (shutdown goes on)."""
+    close = getattr(obj, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            logger.exception("closing the %s failed", name)
 
 
 def open_backends(

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.backends import Backends, backend_mode, open_backends
+from service.backends import Backends, backend_mode, close_quietly, open_backends
 from service.normalizers import Refresher, build_normalizers
 from service.settings import MODALITIES, Settings
 from service.state import ServiceState
@@ -152,12 +152,7 @@ def shutdown_state(state: ServiceState) -> None:
         ("redis", state.redis),
     )
     for name, obj in closables:
-        close = getattr(obj, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                logger.exception("closing the %s failed", name)
+        close_quietly(name, obj)
 
 
 __all__ = [

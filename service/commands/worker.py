@@ -97,13 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         worker.run()
     finally:
-        for closable in (worker.queue, worker.jobs, worker.sink):
-            close = getattr(closable, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    logger.exception("closing %r failed", closable)
+        from service.backends import close_quietly
+
+        for name in ("queue", "jobs", "sink"):
+            close_quietly(name, getattr(worker, name))
     return 0
 
 
