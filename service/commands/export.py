@@ -3,8 +3,8 @@
 Example (how the shipped default was made)::
 
     xmodal export --checkpoint runs/tb4-10/best.safetensors \
-        --name effnet-lite0-minilm-max-tuned --half \
-        --out models/weights/effnet-lite0-minilm-max-tuned.safetensors
+        --name effnet-lite0-minilm-gpo-tuned --half \
+        --out models/weights/effnet-lite0-minilm-gpo-tuned.safetensors
 
 ``--name`` renames the model (its config otherwise unchanged; it must then equal the named
 registry config if one exists), ``--half`` stores the weights in float16 (half the size; they
