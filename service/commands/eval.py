@@ -131,12 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_recall(model, feats, renorm, args)
         metrics["plot"] = str(args.plot)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        for key, value in metrics.items():
-            shown = f"{value:.2f}" if isinstance(value, float) else str(value)
-            print(f"{key:>20s}  {shown}")
+    _report(metrics, args.json)
     return 0
 
 
@@ -162,12 +157,18 @@ def _end_to_end(args: argparse.Namespace, model: Any, ds: Any, start: float) -> 
         metrics["qbnorm_beta"] = args.beta
     metrics["engine"] = "onnx" if model.runtime is not None else "eager"
     metrics["seconds"] = round(time.perf_counter() - start, 1)
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        for key, value in metrics.items():
-            print(f"{key:>20s}  {value}")
+    _report(metrics, args.json)
     return 0
+
+
+def _report(metrics: dict[str, Any], as_json: bool) -> None:
+    """One JSON object, or a small table (floats to 2 decimals)."""
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    for key, value in metrics.items():
+        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        print(f"{key:>20s}  {shown}")
 
 
 def plot_recall(model: Any, feats: Any, renorm: Any, args: argparse.Namespace) -> None:

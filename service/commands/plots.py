@@ -50,12 +50,7 @@ def plot_recall_curves(
         ax.set_title(direction)
         ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)
 
 
 def _bars(
@@ -109,12 +104,7 @@ def plot_index_bench(result: Mapping[str, Any], path: Path) -> Path:
         f"{result['queries']} single-vector queries, 1 thread",
         fontsize=10,
     )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, plt, path)
 
 
 def plot_qbnorm_bench(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
@@ -145,6 +135,11 @@ def plot_qbnorm_bench(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
     )
     bank = results[0]["bank"]
     fig.suptitle(f"bench/qbnorm.py: bank of {bank:,} queries, exact Flat gallery", fontsize=10)
+    return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: Path) -> Path:
+    """Lay out, write the PNG (creating its folder) and free the figure."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
