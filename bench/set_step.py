@@ -16,6 +16,9 @@ Variants (``--variants``):
 - ``set-nommd``: the same without the MMD term (what MMD costs).
 - ``set-mmd<N>``: MMD over at most N slots per modality, drawn at random each step
   (``TrainConfig.mmd_samples``).
+- ``set-ff<N>``: the set module's feed-forward at N x embed_dim (``head.set_ff_mult``; DivE 4).
+- ``set-d<N>``: N slot-attention iterations (``head.depth``); options combine:
+  ``set-ff1-d2-mmd512``.
 
 A forward-only ``torch.profiler`` pass of the set step (``--profile``) splits its forward time
 into the image head, the text head (projection, set prediction) and the loss terms.
@@ -50,19 +53,30 @@ SET_OVERRIDES: dict[str, Any] = {"image": {"tune_blocks": 4}}
 
 
 def _variant_config(name: str, data: Path, cache: Path) -> TrainConfig:
+    """``gpo``, or ``set`` followed by any of ``-ffN`` (feed-forward width multiplier),
+    ``-dN`` (slot-attention iterations), ``-mmdN`` (MMD over N sampled slots) and ``-nommd``."""
     base: dict[str, Any] = {"data": data, "cache_dir": cache, "epoch_mode": "grouped"}
     if name == "gpo":
         return TrainConfig(model="effnet-lite0-minilm-gpo-tuned", **base)
-    if not name.startswith("set"):
+    first, *options = name.split("-")
+    if first != "set":
         raise ValueError(f"unknown variant {name!r}")
-    cfg = TrainConfig(model="effnet-lite0-minilm-set", model_overrides=SET_OVERRIDES, **base)
-    if name == "set-nommd":
-        return cfg.model_copy(update={"mmd_weight": 0.0})
-    if name.startswith("set-mmd"):
-        return cfg.model_copy(update={"mmd_samples": int(name.removeprefix("set-mmd"))})
-    if name != "set":
-        raise ValueError(f"unknown variant {name!r}")
-    return cfg
+    head: dict[str, Any] = {}
+    update: dict[str, Any] = {}
+    for option in options:
+        if option == "nommd":
+            update["mmd_weight"] = 0.0
+        elif option.startswith("mmd") and option[3:].isdigit():
+            update["mmd_samples"] = int(option[3:])
+        elif option.startswith("ff") and option[2:].isdigit():
+            head["set_ff_mult"] = int(option[2:])
+        elif option.startswith("d") and option[1:].isdigit():
+            head["depth"] = int(option[1:])
+        else:
+            raise ValueError(f"unknown option {option!r} in variant {name!r}")
+    overrides = {**SET_OVERRIDES, "head": head} if head else SET_OVERRIDES
+    cfg = TrainConfig(model="effnet-lite0-minilm-set", model_overrides=overrides, **base)
+    return cfg.model_copy(update=update)
 
 
 def _batches(feats: Any, images: int, count: int, seed: int) -> list[tuple[np.ndarray, ...]]:

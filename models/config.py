@@ -90,6 +90,9 @@ class HeadConfig(_Strict):
     num_slots: int = 4
     depth: int = 4
     heads: int = 4
+    # Width of the set module's feed-forward, as a multiple of embed_dim (DivE: 4). Its cost
+    # dominates a set step (every caption's K slots pass it `depth` times), so 1 is ~3x cheaper.
+    set_ff_mult: int = Field(4, ge=1)
     # Global feature handed to the set module alongside the tokens (DivE uses a pooled vector).
     set_global: Literal["gpo", "mean"] = "gpo"
     # GPO positional-encoding size and GRU hidden size.

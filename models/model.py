@@ -121,7 +121,12 @@ class SetHead(nn.Module):
     def __init__(self, d_model: int, head: HeadConfig, pos_enc: bool) -> None:
         super().__init__()
         self.set = SetPredictionModule(
-            d_model, num_slots=head.num_slots, depth=head.depth, heads=head.heads, pos_enc=pos_enc
+            d_model,
+            num_slots=head.num_slots,
+            depth=head.depth,
+            heads=head.heads,
+            d_ff=head.set_ff_mult * d_model,
+            pos_enc=pos_enc,
         )
         self.global_pool: nn.Module = (
             GPOPool(head) if head.set_global == "gpo" else MaskedPool("mean")

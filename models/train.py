@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.data import CaptionDataset, load_dataset
@@ -132,6 +132,9 @@ class TrainConfig(BaseModel):
     # learn under the pooling GPO starts from (max pooling with `head.gpo_init: "max"`).
     gpo_lr_scale: float = Field(1.0, ge=0.0)
     gpo_freeze_epochs: int = Field(0, ge=0)
+    # Warm start: copy the matching weights of this checkpoint before training (see
+    # `init_from_checkpoint`; e.g. a set model from the shipped GPO model). None = fresh heads.
+    init_from: Path | None = None
     # Continue from out_dir/last.safetensors + train_state.pt when present.
     resume: bool = False
     eval_batch_size: int = 512
@@ -327,6 +330,46 @@ def warm_start_gpo(model: Any, max_len: int) -> list[dict[str, float]]:
             )  # fmt: skip
             reports.append(report)
     return reports
+
+
+def _warm_start_key(name: str) -> str:
+    """A single-vector checkpoint's GPO (``<tower>_pool.gpo.*``) is a set model's global pool
+    (``<tower>_pool.global_pool.gpo.*``); every other name maps to itself."""
+    for tower in ("image_pool.", "text_pool."):
+        if name.startswith(tower + "gpo."):
+            return tower + "global_pool." + name[len(tower) :]
+    return name
+
+
+def init_from_checkpoint(model: Any, path: Path) -> dict[str, int]:
+    """Copy the weights of checkpoint ``path`` into ``model`` where name and shape match.
+
+    Names are read through `_warm_start_key`, so a set model starts from a GPO model's tuned
+    blocks, projections and GPO (as its global feature). For a set model the slot path's
+    output LayerNorm then gets zero gain and bias, so every slot starts as the layer-normed
+    global feature: the set model starts at the single-vector model's embedding and learns
+    its slots from there (the zero-initialised residual branch of ReZero / Fixup).
+
+    Returns:
+        ``{"copied", "skipped", "fresh"}``: tensors copied, checkpoint tensors with no match
+        (other name or shape), and model tensors the checkpoint did not have.
+    """
+    from models.checkpoint import read_checkpoint
+    from models.set_embedding import SetPredictionModule
+
+    _, state, backbones, _ = read_checkpoint(path)
+    own = model.head_state_dict(backbones)
+    mapped = {_warm_start_key(k): v for k, v in state.items()}
+    take = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(take, strict=False)
+    if model.is_set_model:
+        for module in model.modules():
+            if isinstance(module, SetPredictionModule):
+                nn.init.zeros_(module.norm_out.weight)
+                nn.init.zeros_(module.norm_out.bias)
+    report = {"copied": len(take), "skipped": len(state) - len(take), "fresh": len(own) - len(take)}
+    logger.info("warm start from %s: %s", path, report)
+    return report
 
 
 def _loss(
@@ -575,7 +618,9 @@ def train(cfg: TrainConfig) -> Path:
     train_feats = train_feats.in_memory()  # random access; ~0.75 GB for Flickr8k at lite0/224
 
     resuming = cfg.resume and (out / "train_state.pt").exists()
-    if not resuming:
+    if not resuming and cfg.init_from is not None:
+        init_from_checkpoint(model, cfg.init_from)
+    elif not resuming:
         warm_start_gpo(model, _max_length(train_feats))
     # Tuned backbone blocks (`tune_blocks`) learn at lr * backbone_lr_scale, the heads at lr.
     optimizer = _optimizer(model, cfg)

@@ -1,9 +1,10 @@
 """``xmodal train``: train the heads of a named model on cached backbone features.
 
-Example (the shipped default, ``models.DEFAULT_MODEL``, on Flickr8k)::
+Example (the shipped default, ``models.DEFAULT_MODEL``, on Flickr8k; docs/RESULTS.md has
+the full recipes)::
 
-    xmodal train --model effnet-lite0-minilm-max-tuned --data ../shared/data/flickr8k \
-        --out runs/lite0-max-tuned --epochs 12
+    xmodal train --model effnet-lite0-minilm-gpo-tuned --data ../shared/data/flickr8k \
+        --out runs/gpo-tuned --epochs 10 --epoch-mode grouped --gpo-freeze-epochs 1
 
 Flags map one to one onto `models.train.TrainConfig`; ``--config FILE`` reads a JSON
 TrainConfig first (flags given on the command line override it).
@@ -48,6 +49,8 @@ _FIELDS = {
     "backbone_lr_scale": "backbone_lr_scale",
     "gpo_lr_scale": "gpo_lr_scale",
     "gpo_freeze_epochs": "gpo_freeze_epochs",
+    "mmd_samples": "mmd_samples",
+    "init_from": "init_from",
     "seed": "seed",
 }
 
@@ -94,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpo-lr-scale", type=float, help="LR of GPO weight generators = lr * this")
     p.add_argument(
         "--gpo-freeze-epochs", type=int, help="hold GPO weight generators still this many epochs"
+    )
+    p.add_argument(
+        "--mmd-samples", type=int, help="set models: MMD over at most N slots per modality"
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from the matching weights of this checkpoint (e.g. a set model from the "
+        "shipped GPO model)",
     )
     p.add_argument("--resume", action="store_true", help="continue from --out")
     p.add_argument("--no-progress", action="store_true")

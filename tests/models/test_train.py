@@ -219,3 +219,41 @@ def test_gpo_warm_start_then_frozen_epoch(synthetic: tuple[Path, Path], tmp_path
     # The heads did train (not everything was frozen).
     head_name = next(n for n in fresh.state_dict() if n.startswith("image_proj"))
     assert not torch.equal(trained.state_dict()[head_name], fresh.state_dict()[head_name])
+
+
+def test_set_model_warm_started_from_a_gpo_checkpoint(
+    synthetic: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`init_from`: a set model starts at a trained GPO model (every slot its global feature)."""
+    from models.train import _build_model, init_from_checkpoint
+
+    data, cache = synthetic
+    gpo_best = train(_cfg(data, cache, tmp_path / "gpo", epochs=2))
+    gpo = load_checkpoint(gpo_best, pretrained=False)
+    set_overrides = {
+        "head": {"pooling": "set", "num_slots": 3, "depth": 1, "heads": 2, "set_ff_mult": 1},
+        "similarity": {"kind": "smooth_chamfer"},
+    }
+    cfg = _cfg(data, cache, tmp_path / "set", epochs=1, model_overrides=set_overrides)
+    fresh = _build_model(cfg)
+    report = init_from_checkpoint(fresh, gpo_best)
+    assert report["copied"] > 0 and report["skipped"] == 0  # every GPO tensor found a home
+    assert torch.equal(fresh.image_proj.fc.weight, gpo.image_proj.fc.weight)
+    for tower in ("image_pool", "text_pool"):
+        ours = getattr(fresh, tower).global_pool.gpo.state_dict()
+        theirs = getattr(gpo, tower).gpo.state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert fresh.text_pool.set.ff[0].out_features == 64  # set_ff_mult 1 x embed_dim
+    # Every slot starts as the normalised, layer-normed global feature of the GPO model.
+    x = torch.randn(4, 5, 64)
+    lengths = torch.tensor([5, 3, 1, 4])
+    with torch.no_grad():
+        slots = fresh.text_pool(x, lengths)
+        glob = fresh.text_pool.global_pool(x, lengths)
+        expected = torch.nn.functional.normalize(fresh.text_pool.set.norm_global(glob), dim=-1)
+    assert slots.shape == (4, 3, 64)
+    torch.testing.assert_close(slots, expected.unsqueeze(1).expand_as(slots))
+    # ...and the training run that uses it keeps learning from there.
+    train(cfg.model_copy(update={"init_from": gpo_best}))
+    history = json.loads((tmp_path / "set" / "history.json").read_text())
+    assert history[-1]["rsum"] > 100  # chance ~40
