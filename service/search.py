@@ -37,6 +37,7 @@ class SearchOutcome:
     results: list[SearchResult]
     query_kind: str
     qbnorm_applied: bool
+    bank: str | None = None  # modality of the bank that normalises this query kind, if served
 
 
 # What a query searches when the request names no targets: the other side of the bridge.
@@ -131,18 +132,20 @@ def search_targets(
     flt: dict[str, Any] | None,
     want_qbnorm: bool,
 ) -> tuple[list[tuple[Modality, Any, float, float]], bool]:
-    """Blocking: search each target gallery, QB-Norm where it applies.
+    """Blocking: search each target gallery, QB-Norm where it applies (the bank of the
+    query's modality, :meth:`ServiceState.bank_for`, over the galleries it normalises).
 
     Returns ``[(modality, hit, score, raw_score)]`` unsorted, and whether QB-Norm was applied.
     """
     out: list[tuple[Modality, Any, float, float]] = []
     applied = False
-    qbnorm_here = want_qbnorm and query_kind == "text"
+    bank = state.bank_for(query_kind) if want_qbnorm else None
+    normalizers = state.normalizers.get(bank, {}) if bank is not None else {}
     for modality in targets:
         gallery = state.galleries[modality]
         if len(gallery) == 0:
             continue
-        normalizer = state.normalizers.get(modality) if qbnorm_here else None
+        normalizer = normalizers.get(modality)
         t0 = time.perf_counter()
         if normalizer is not None:
             # QB-Norm's own search: an adaptive raw shortlist, normalised, top-n kept
@@ -183,7 +186,12 @@ async def run_search(
     results = [_result(state, modality, hit, score, raw) for modality, hit, score, raw in page]
     metrics.SEARCH_STAGE.labels("rerank").observe(time.perf_counter() - t1)
     metrics.SEARCHES.labels(query_kind, str(applied).lower()).inc()
-    return SearchOutcome(results=results, query_kind=query_kind, qbnorm_applied=applied)
+    return SearchOutcome(
+        results=results,
+        query_kind=query_kind,
+        qbnorm_applied=applied,
+        bank=state.bank_for(query_kind),
+    )
 
 
 def merge_and_page(

@@ -96,6 +96,16 @@ class QueueSettings(BaseModel):
     job_ttl_s: int = Field(7 * 24 * 3600, ge=1)  # job status kept this long after its last change
 
 
+class QBNormSettings(QBNormConfig):
+    """QB-Norm: the normaliser's knobs (:class:`index.qbnorm.QBNormConfig`) and where the
+    service's banks come from."""
+
+    # On start, load the model's shipped querybanks (models/weights/<model>.querybank-*.
+    # safetensors) into a store that never held a bank for it (service/seeding.py)
+    seed_shipped: bool = True
+    bank_dir: Path | None = None  # folder of shipped bank files; None = models/weights
+
+
 class AuthSettings(BaseModel):
     """Optional API keys: with none configured, the API is open."""
 
@@ -119,7 +129,7 @@ class Settings(BaseSettings):
     log_json: bool = True
     model: ModelSettings = Field(default_factory=ModelSettings)
     index: GalleryConfig = Field(default_factory=GalleryConfig)
-    qbnorm: QBNormConfig = Field(default_factory=QBNormConfig)
+    qbnorm: QBNormSettings = Field(default_factory=QBNormSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)

@@ -179,7 +179,7 @@ async def search(request: Request, state: ReadyState) -> SearchResponse:
         took_ms=round((time.perf_counter() - start) * 1000, 3),
         model=state.model_name,
         index_version=state.index_version(),
-        querybank_version=state.serving_bank()[1],
+        querybank_version=state.serving_bank(outcome.bank)[1] if outcome.bank else None,
         qbnorm_applied=outcome.qbnorm_applied,
         querybank_stale=outcome.qbnorm_applied and state.bank_stale,
     )
