@@ -6,8 +6,8 @@ as the service encodes them (photos decoded with PIL, the model's own preprocess
 ONNX Runtime engine on the CPU). :func:`embed_split` does it once per (model weights, split)
 and keeps the result as two ``.npy`` files under ``cache_dir/<model>-<weights hash>/``, so a
 second run (another bank size, another threshold) costs nothing. A cache entry is keyed by the
-weights hash and the split's image and caption fingerprints: a retrained model or an edited
-caption file never reads a stale entry.
+weights hash, the engine and the split's image and caption fingerprints: a retrained model or
+an edited caption file never reads a stale entry.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def embed_split(
         from service.loading import model_weights_hash
 
         folder = Path(cache_dir) / f"{model.name}-{(model_weights_hash(model) or 'x')[:16]}"
-    stem = f"{ds.name}-{ds.split}"
+    engine = "onnx" if getattr(model, "runtime", None) is not None else "eager"
+    stem = f"{ds.name}-{ds.split}-{engine}"  # the engines agree to ~1e-5, not to the bit
 
     def part(kind: str, fingerprint: str, compute: Any) -> np.ndarray:
         path = folder / f"{stem}-{fingerprint}.{kind}.npy" if folder is not None else None
