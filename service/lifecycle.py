@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.backends import Backends, backend_mode, close_quietly, open_backends
 from service.normalizers import Refresher, build_normalizers
-from service.seeding import seed_querybanks
+from service.seeding import load_calibration, seed_querybanks
 from service.settings import MODALITIES, Settings
 from service.state import ServiceState
 
@@ -61,6 +61,7 @@ def build_state(state: ServiceState, model: Any = None) -> None:
             seed_querybanks(state.querybank, model, settings.qbnorm.bank_dir)
         except Exception:  # noqa: BLE001 - serve without QB-Norm rather than not at all
             logger.warning("qbnorm: seeding the shipped querybanks failed", exc_info=True)
+    state.calibration = load_calibration(model, settings.qbnorm.bank_dir)
     build_normalizers(state, force=True)
     state.refresher = Refresher(state).start()
     state.queue, state.jobs = backends.queue, backends.jobs

@@ -45,5 +45,5 @@ def model_weights_hash(model: object) -> str | None:
         if not isinstance(model, XModal):
             return None
         cached = weights_hash(model)
-        model._xmodal_weights_hash = cached  # type: ignore[attr-defined]
+        setattr(model, "_xmodal_weights_hash", cached)  # noqa: B010 - nn.Module keeps it
     return str(cached)

@@ -33,7 +33,7 @@ def _usable(state: ServiceState, bank: QueryBank | None) -> bool:
     hash is skipped with one warning per version)."""
     if bank is None or len(bank) == 0 or state.model is None:
         return False
-    want_shape = (state.model.embed_dim,)
+    want_shape: tuple[int, ...] = (state.model.embed_dim,)
     if state.model.num_vectors > 1:
         want_shape = (state.model.num_vectors, state.model.embed_dim)
     problem = None

@@ -7,7 +7,8 @@ mode: whatever :func:`service.backends.open_backends` opened) **only if that sto
 bank for the model and modality** (:meth:`~index.querybank.QueryBankStore.seed`, atomic: of
 several replicas starting at once one writes, the others find it there; a bank a user built or
 deleted is left alone). A file encoded by another checkpoint (its weights hash differs from the
-serving model's) is skipped with a warning.
+serving model's) is skipped with a warning. :func:`load_calibration` reads the model's shipped
+score calibration (``<model>.calibration.json``, :mod:`index.calibration`) the same way.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from index.bankfile import bank_filename, read_bank_file
+from index.calibration import ScoreCalibration, calibration_filename
 from index.querybank import BANK_DIRECTION, QueryBankStore, direction_of
 from service.loading import model_weights_hash
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["seed_querybanks", "shipped_bank_dir"]
+__all__ = ["load_calibration", "seed_querybanks", "shipped_bank_dir"]
 
 
 def shipped_bank_dir(configured: Path | None) -> Path:
@@ -85,3 +87,21 @@ def seed_querybanks(
                 bank.source,
             )
     return out
+
+
+def load_calibration(model: Any, bank_dir: Path | None = None) -> ScoreCalibration | None:
+    """The model's shipped score calibration (``<model>.calibration.json`` beside the banks),
+    or None when there is none, or it belongs to other weights (warned)."""
+    path = shipped_bank_dir(bank_dir) / calibration_filename(str(model.name))
+    if not path.is_file():
+        return None
+    try:
+        cal = ScoreCalibration.load(path)
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("score calibration %s unreadable, not used: %s", path, exc)
+        return None
+    if cal.model != model.name or cal.weights_hash != model_weights_hash(model):
+        logger.warning("score calibration %s was fitted for other weights: not used", path)
+        return None
+    logger.info("score calibration %s loaded (%s)", path.name, ", ".join(cal.coefficients))
+    return cal

@@ -20,6 +20,7 @@ from service.encoder import Overloaded
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from index.calibration import ScoreCalibration
     from index.gallery import Gallery
     from index.qbnorm import QBNormalizer
     from index.querybank import QueryBankStore
@@ -123,6 +124,7 @@ class ServiceState:
     ready: bool = False
     error: str | None = None  # why loading failed, when it did
     bank_stale: bool = False  # the last querybank check failed (store unreachable): cached bank
+    calibration: ScoreCalibration | None = None  # P(right) of a hit, when the model ships one
     # bank modality -> the store version skipped as unusable (another checkpoint's weights)
     skipped_banks: dict[str, int] = field(default_factory=dict)
     stop_event: threading.Event = field(default_factory=threading.Event)

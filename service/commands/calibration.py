@@ -10,9 +10,9 @@ on half B we report precision (of the pairs above it, the share that are right) 
 the right pairs, the share above it) at that threshold.
 
 A calibrated score is fitted on half A too: a logistic regression of "right" on features of
-the pair (:data:`FEATURES`), so its output is a probability; its threshold is chosen the same
-way and reported on half B, with its calibration error (expected |P - observed rate| over
-10 bins).
+the pair (:data:`index.calibration.FEATURES`), so its output is a probability; its threshold
+is chosen the same way and reported on half B, with its calibration error (expected
+|P - observed rate| over 10 bins).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from index.calibration import FEATURES, pair_features, sigmoid
+
 __all__ = [
     "FEATURES",
     "Study",
@@ -32,23 +34,6 @@ __all__ = [
     "plot_study",
     "run_study",
 ]
-
-# Features of a (query, item) pair for the calibrated score: raw cosine, QB-Norm score, and
-# the margin of the raw cosine to the query's best *other* item (how far ahead of, or behind,
-# its competition the item is).
-FEATURES = ("raw", "qbnorm", "margin")
-
-
-def pair_features(raw: np.ndarray, norm: np.ndarray) -> np.ndarray:
-    """``[Q, G, len(FEATURES)]`` float64 features of every pair of a score block."""
-    raw = np.asarray(raw, dtype=np.float64)
-    order = np.argsort(-raw, axis=1, kind="stable")
-    best = np.take_along_axis(raw, order[:, :1], 1)
-    second = np.take_along_axis(raw, order[:, 1:2], 1)
-    is_top = np.zeros(raw.shape, dtype=bool)
-    np.put_along_axis(is_top, order[:, :1], True, 1)
-    margin = raw - np.where(is_top, second, best)
-    return np.stack([raw, np.asarray(norm, dtype=np.float64), margin], axis=-1)
 
 
 def fit_logistic(
@@ -65,7 +50,7 @@ def fit_logistic(
     penalty[-1] = 0.0
     for _ in range(iterations):
         z = xb @ w
-        p = 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid without overflow
+        p = sigmoid(z)
         grad = xb.T @ (p - y) + penalty * w
         hess = (xb * (p * (1 - p))[:, None]).T @ xb + np.diag(penalty)
         step = np.linalg.solve(hess, grad)
@@ -77,8 +62,7 @@ def fit_logistic(
 
 def predict(x: np.ndarray, weights: np.ndarray, bias: float) -> np.ndarray:
     """``sigmoid(x @ weights + bias)``."""
-    z = np.asarray(x, dtype=np.float64) @ np.asarray(weights, dtype=np.float64) + bias
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
+    return sigmoid(np.asarray(x, dtype=np.float64) @ np.asarray(weights) + bias)
 
 
 def pr_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -179,8 +163,8 @@ def plot_study(studies: list[Study], path: Path, title: str) -> Path:
     names = {"raw": "raw cosine", "qbnorm": "QB-Norm score", "calibrated": "calibrated P"}
     for ax, st in zip(axes[0], studies, strict=True):
         for (key, (t, p, r)), style in zip(st.curves.items(), ("-", "--", ":"), strict=True):
-            step = max(1, len(t) // 4000)
-            (line,) = ax.plot(r[::step], p[::step], style, label=names[key])
+            pick = np.unique(np.geomspace(1, len(t), 3000).astype(int)) - 1  # dense at the top
+            (line,) = ax.plot(r[pick], p[pick], style, label=names[key])
             res = st.half_b[key]
             ax.plot(
                 [res["recall"]],

@@ -76,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["onnx", "eager"], default="onnx", help="--end-to-end")
     p.add_argument("--embed-cache", type=Path, help="--end-to-end: keep/reuse embeddings here")
     p.add_argument("--plot", type=Path, help="write recall@K curves (raw vs QB-Norm) to a PNG")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        help="with banks: the score-threshold study (half A picks one threshold, half B "
+        "reports precision/recall) for raw, QB-Norm and calibrated scores; its PR curves here",
+    )
+    p.add_argument(
+        "--calibration-out",
+        type=Path,
+        help="with --calibration: write the fitted coefficients (<model>.calibration.json)",
+    )
     return p
 
 
@@ -269,6 +280,62 @@ def end_to_end_embeddings(
     return torch.from_numpy(img), torch.from_numpy(txt), banks
 
 
+def calibration_study(
+    args: argparse.Namespace,
+    model: Any,
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    sims: np.ndarray,
+    ds: Any,
+    banks: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """The threshold study per direction with a bank (``service/commands/calibration.py``):
+    its numbers, the PR-curve PNG, and optionally the fitted coefficients file."""
+    from index.calibration import ScoreCalibration
+    from index.qbnorm import normalised_scores
+    from service.commands.calibration import plot_study, run_study
+    from service.loading import model_weights_hash
+
+    c2i = np.asarray(ds.caption_to_image)
+    right = c2i[:, None] == np.arange(len(img))[None, :]  # [captions, images]
+    studies = []
+    if "text" in banks:
+        bank_sims = similarity_matrix(model, img, banks["text"]).T
+        raw = np.ascontiguousarray(sims.T)
+        studies.append(
+            run_study("t2i", raw, normalised_scores(raw, bank_sims, args.beta), right, c2i)
+        )
+    if "image" in banks:
+        bank_sims = similarity_matrix(model, banks["image"], txt)
+        norm = normalised_scores(sims, bank_sims, args.beta)
+        studies.append(run_study("i2t", sims, norm, right.T, np.arange(len(img))))
+    if not studies:
+        raise SystemExit(
+            "--calibration needs querybanks (--querybank-data or --shipped-querybanks)"
+        )
+    name = getattr(model, "name", "model")
+    title = f"{name} on {Path(args.data).name} {args.split}: one global threshold per score"
+    plot_study(studies, args.calibration, title)
+    out: dict[str, Any] = {"calibration_plot": str(args.calibration)}
+    for st in studies:
+        out.update(st.summary())
+    if args.calibration_out is not None:
+        bank_of = {"t2i": "text", "i2t": "image"}
+        ScoreCalibration(
+            model=name,
+            weights_hash=str(model_weights_hash(model)),
+            coefficients={bank_of[st.direction]: (st.weights, st.bias) for st in studies},
+            meta={
+                "fitted_on": f"{Path(args.data).name} {args.split}, half A (even image index)",
+                "beta": args.beta,
+                "banks": {m: len(v) for m, v in banks.items()},
+                "half_b": {st.direction: st.half_b for st in studies},
+            },
+        ).save(args.calibration_out)
+        out["calibration_out"] = str(args.calibration_out)
+    return out
+
+
 def _end_to_end(args: argparse.Namespace, model: Any, ds: Any, start: float) -> int:
     img, txt, banks = end_to_end_embeddings(args, model, ds)
     sims = similarity_matrix(model, img, txt)
@@ -276,6 +343,8 @@ def _end_to_end(args: argparse.Namespace, model: Any, ds: Any, start: float) -> 
     metrics: dict[str, Any] = renormed_metrics(sims, ds.caption_to_image, t2i, i2t)
     if banks:
         metrics.update(_qbnorm_info(args, banks))
+    if args.calibration is not None:
+        metrics.update(calibration_study(args, model, img, txt, sims, ds, banks))
     metrics["engine"] = "onnx" if model.runtime is not None else "eager"
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     _report(metrics, args.json)

@@ -82,7 +82,7 @@ def prometheus_metrics(state: State) -> Response:
 
 def querybank_stats(state: ServiceState) -> dict[str, tuple[int, int]]:
     """direction -> (size, version) of each of the serving model's live banks."""
-    out = {}
+    out: dict[str, tuple[int, int]] = {}
     for modality, direction in BANK_DIRECTION.items():
         size, version = state.serving_bank(modality)
         out[direction] = (size, version or 0)

@@ -25,7 +25,17 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["search"])
 
-_FORM_FIELDS = {"text", "item_id", "targets", "top_k", "offset", "qbnorm", "min_score", "filter"}
+_FORM_FIELDS = {
+    "text",
+    "item_id",
+    "targets",
+    "top_k",
+    "offset",
+    "qbnorm",
+    "min_score",
+    "min_probability",
+    "filter",
+}
 
 _OPENAPI_BODY: dict[str, Any] = {
     "requestBody": {
@@ -47,6 +57,7 @@ _OPENAPI_BODY: dict[str, Any] = {
                         "offset": {"type": "integer"},
                         "qbnorm": {"type": "boolean"},
                         "min_score": {"type": "number"},
+                        "min_probability": {"type": "number"},
                         "filter": {"type": "string", "description": "a JSON object"},
                     },
                 }

@@ -155,3 +155,38 @@ def test_a_user_built_redis_bank_is_not_overwritten(
         assert state.serving_bank("text") == (4, 1) and state.serving_bank("image") == (12, 1)
     assert user.get(model.name, "t2v").texts == ["u0", "u1", "u2", "u3"]  # type: ignore[union-attr]
     user.close()
+
+
+def test_a_shipped_calibration_gives_each_normalised_hit_a_probability(
+    model: Any, tmp_path: Path
+) -> None:
+    from index.calibration import ScoreCalibration, calibration_filename, pair_features, sigmoid
+
+    _ship(tmp_path / "banks", model)
+    w, b = np.array([4.0, 8.0, 6.0]), -1.0
+    ScoreCalibration(
+        model.name, str(model_weights_hash(model)), {"text": (w, b), "image": (w, b)}
+    ).save(tmp_path / "banks" / calibration_filename(model.name))
+    settings = make_settings(tmp_path / "data", qbnorm={"bank_dir": tmp_path / "banks"})
+    with running(settings, model) as client:
+        r = client.post("/ingest", json={"items": _items()})
+        assert wait_job(client, r.json()["job_id"])["state"] == "done"
+        body = {"text": "a dog", "targets": ["image"], "top_k": 3}
+        hits = client.post("/search", json=body).json()["results"]
+        assert len(hits) == 3 and all(0 < h["probability"] < 1 for h in hits)
+        # P = sigmoid(w . [raw, qbnorm, margin to the best other hit] + b), hit by hit
+        raw = np.array([h["raw_score"] for h in hits])
+        norm = np.array([h["score"] for h in hits])
+        want = sigmoid(pair_features(raw, norm) @ w + b)
+        np.testing.assert_allclose([h["probability"] for h in hits], want, atol=1e-6)
+        # min_probability keeps the hits at or above it
+        cut = float(np.median(want))
+        kept = client.post("/search", json={**body, "min_probability": cut}).json()["results"]
+        assert [h["id"] for h in kept] == [h["id"] for h in hits if h["probability"] >= cut]
+        # no QB-Norm -> no probability, and min_probability then keeps nothing
+        off = client.post("/search", json={**body, "qbnorm": False}).json()["results"]
+        assert off and all(h["probability"] is None for h in off)
+        none = client.post("/search", json={**body, "qbnorm": False, "min_probability": 0.0})
+        assert none.json()["results"] == []
+        bad = client.post("/search", json={**body, "min_probability": 1.5})
+        assert bad.status_code == 422
