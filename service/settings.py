@@ -100,10 +100,15 @@ class QBNormSettings(QBNormConfig):
     """QB-Norm: the normaliser's knobs (:class:`index.qbnorm.QBNormConfig`) and where the
     service's banks come from."""
 
-    # On start, load the model's shipped querybanks (models/weights/<model>.querybank-*.
-    # safetensors) into a store that never held a bank for it (service/seeding.py)
-    seed_shipped: bool = True
-    bank_dir: Path | None = None  # folder of shipped bank files; None = models/weights
+    seed_shipped: bool = Field(
+        default=True,
+        description="on start, load the model's shipped querybanks (<model>.querybank-"
+        "{text,image}.safetensors) into a store that never held a bank for it",
+    )
+    bank_dir: Path | None = Field(
+        default=None,
+        description="folder of shipped bank and calibration files; None = models/weights",
+    )
 
 
 class AuthSettings(BaseModel):

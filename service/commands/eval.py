@@ -97,14 +97,17 @@ def _directions(args: argparse.Namespace) -> set[str]:
     return dirs
 
 
-def shipped_banks(model: Any) -> dict[str, torch.Tensor]:
-    """The model's shipped bank files (modality -> vectors), each checked against its weights."""
+def shipped_banks(model: Any, directions: set[str]) -> dict[str, torch.Tensor]:
+    """The model's shipped bank files of ``directions`` (modality -> vectors), each checked
+    against the model's weights."""
     from index.bankfile import bank_filename, read_bank_file
     from service.loading import model_weights_hash
     from service.seeding import shipped_bank_dir
 
     out = {}
-    for modality in ("text", "image"):
+    for modality, direction in (("text", "t2i"), ("image", "i2t")):
+        if direction not in directions:
+            continue
         path = shipped_bank_dir(None) / bank_filename(model.name, modality)
         if not path.is_file():
             continue
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     feats = load_split_features(ds, model.config, args.cache_dir, args.device, progress=False)
     banks: dict[str, torch.Tensor] = {}
     if args.shipped_querybanks:
-        banks = shipped_banks(model)
+        banks = shipped_banks(model, _directions(args))
     elif args.querybank_data is not None:
         bank_ds = load_dataset(args.querybank_data, args.querybank_split)
         if args.max_images:  # "of each split": the bank's too
@@ -260,7 +263,7 @@ def end_to_end_embeddings(
     assert img is not None and txt is not None
     banks: dict[str, torch.Tensor] = {}
     if args.shipped_querybanks:
-        banks = shipped_banks(model)
+        banks = shipped_banks(model, _directions(args))
     elif args.querybank_data is not None:
         bank_ds = load_dataset(args.querybank_data, args.querybank_split)
         if args.max_images:
