@@ -166,6 +166,28 @@ def dynamic_inverted_softmax(
     return _normalise_rows(sims, log_normalisers(bank_sims, beta), beta, rows, log_space)
 
 
+def normalised_scores(
+    sims: np.ndarray, bank_sims: np.ndarray, beta: float, k: int = 1, mode: str = "dis"
+) -> np.ndarray:
+    """Dense ``[Q,G]`` float64 of what the serving form puts in ``Hit.norm_score``.
+
+    In cosine units: ``s − L_g/β`` for a normalised row (``mode="is"``, or a DIS row whose
+    top-1 item is activated), ``s − L_top1/β`` for every item of a DIS row that stays raw (its
+    order is the raw order). Used to study scores across queries (thresholds, calibration).
+    """
+    sims = np.asarray(sims, dtype=np.float64)
+    lognorm = log_normalisers(bank_sims, beta)
+    top1 = np.argmax(sims, axis=1)
+    if mode == "is":
+        rows = np.ones(len(sims), dtype=bool)
+    else:
+        active = np.zeros(sims.shape[1], dtype=bool)
+        active[activation_set(bank_sims, k)] = True
+        rows = active[top1]
+    shift = np.where(rows[:, None], lognorm[None, :], lognorm[top1][:, None])
+    return sims - shift / beta
+
+
 # --------------------------------------------------------------------------------------
 # serving form
 # --------------------------------------------------------------------------------------

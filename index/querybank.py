@@ -1,21 +1,27 @@
 """Querybank stores: the bank of typical queries QB-Norm normalises against.
 
-A :class:`QueryBank` is keyed by (model name, direction): ``"t2v"`` holds text queries used
-against visual galleries, ``"v2t"`` visual queries used against the text gallery. Vectors are
-float32 ``[B,D]`` (``[B,K,D]`` for set models), one text (or source id) per row.
+A :class:`QueryBank` is keyed by (model name, direction), and a direction names the modality
+of the bank's *queries* (:data:`BANK_DIRECTION`): ``"t2v"`` holds text queries (normalising
+text searches of the visual galleries), ``"i2t"`` image queries and ``"v2t"`` video queries
+(both normalising searches of the text gallery). Vectors are float32 ``[B,D]`` (``[B,K,D]``
+for set models), one text (or source id) per row. A bank may carry the weights hash of the
+model that encoded it (``weights_hash``), so a bank of another checkpoint is never applied.
 
 Two stores behind one interface (:class:`QueryBankStore`):
 
 - :class:`RedisQueryBankStore`: production. Vectors as one float32 blob, texts as JSON, meta
-  (shape, base size) and a version counter under ``{prefix}:{model}:{direction}:*``. Writes
-  are atomic (``WATCH``/``MULTI``/``EXEC``), reads use one ``MULTI`` so a reader never mixes
-  two versions; every API replica sees the same bank and it survives restarts.
+  (shape, base size, weights hash) and a version counter under
+  ``{prefix}:{model}:{direction}:*``. Writes are atomic (``WATCH``/``MULTI``/``EXEC``), reads
+  use one ``MULTI`` so a reader never mixes two versions; every API replica sees the same bank
+  and it survives restarts.
 - :class:`FileQueryBankStore`: the embedded default. One ``.npz`` per bank, replaced
   atomically (temp file, fsync, rename) under an ``flock`` so several processes can append.
 
 ``append`` de-duplicates by a hash of the normalised text and keeps at most ``cap`` rows:
 the base rows (from ``replace``, e.g. training captions) stay, the oldest appended rows go
-first. Every change bumps ``version`` (never reused, also across ``replace``).
+first. ``seed`` writes a bank only into a store that never held one for that key (first start
+with a shipped bank; several replicas may race, one wins). Every change bumps ``version``
+(never reused, also across ``replace``).
 """
 
 from __future__ import annotations
@@ -40,9 +46,21 @@ from index.log import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-Direction = Literal["t2v", "v2t"]
-DIRECTIONS: tuple[str, ...] = ("t2v", "v2t")
+Direction = Literal["t2v", "i2t", "v2t"]
+# The query modality of a bank -> its direction key (the one naming rule of bank keys).
+BANK_DIRECTION: dict[str, Direction] = {"text": "t2v", "image": "i2t", "video": "v2t"}
+DIRECTIONS: tuple[str, ...] = tuple(BANK_DIRECTION.values())
 DEFAULT_CAP = 20_000  # rows per bank (the paper's bank is 5,000 training captions)
+
+
+def direction_of(modality: str) -> Direction:
+    """The direction key of the bank whose queries are of ``modality`` (text/image/video)."""
+    try:
+        return BANK_DIRECTION[modality]
+    except KeyError:
+        raise ValueError(
+            f"no querybank for {modality!r} queries; one of {sorted(BANK_DIRECTION)}"
+        ) from None
 
 
 @dataclass
@@ -55,9 +73,15 @@ class QueryBank:
     direction: str
     version: int = 0
     base_size: int = 0  # rows from the last replace(); appended rows follow them
+    weights_hash: str | None = None  # of the model that encoded the rows, when known
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    @property
+    def modality(self) -> str:
+        """The modality of the bank's queries (``text``, ``image`` or ``video``)."""
+        return next(m for m, d in BANK_DIRECTION.items() if d == self.direction)
 
 
 def text_hash(text: str) -> str:
@@ -118,14 +142,36 @@ class QueryBankStore(ABC):
         """The bank's version (0 when none exists); cheap, for cache checks."""
 
     @abstractmethod
-    def replace(self, model: str, direction: str, vectors: np.ndarray, texts: Sequence[str]) -> int:
-        """Atomically replace the bank (e.g. a fresh build from training captions).
-        Returns the new version."""
+    def replace(
+        self,
+        model: str,
+        direction: str,
+        vectors: np.ndarray,
+        texts: Sequence[str],
+        weights_hash: str | None = None,
+    ) -> int:
+        """Atomically replace the bank (e.g. a fresh build from training captions), recording
+        the weights hash of the model that encoded it. Returns the new version."""
 
     @abstractmethod
     def append(self, model: str, direction: str, vectors: np.ndarray, texts: Sequence[str]) -> int:
         """Atomically append rows whose text is new (de-dup by text hash), keeping at most
-        ``cap`` rows. Returns the version after the call (unchanged if nothing was new)."""
+        ``cap`` rows (and the bank's weights hash). Returns the version after the call
+        (unchanged if nothing was new)."""
+
+    @abstractmethod
+    def seed(
+        self,
+        model: str,
+        direction: str,
+        vectors: np.ndarray,
+        texts: Sequence[str],
+        weights_hash: str | None = None,
+    ) -> int | None:
+        """Write the bank only if this store never held one for (model, direction) (its
+        version is 0), atomically, so that of several replicas starting at once exactly one
+        writes and a bank a user built (or deleted) is never overwritten. Returns the new
+        version, or None when the store already had a bank (left untouched)."""
 
     @abstractmethod
     def delete(self, model: str, direction: str) -> None:
@@ -160,7 +206,15 @@ class RedisQueryBankStore(QueryBankStore):
             return None
         m = json.loads(meta)
         vectors = np.frombuffer(blob, dtype=np.float32).reshape([-1, *m["shape"]]).copy()
-        return QueryBank(vectors, json.loads(texts), model, direction, int(version or 0), m["base"])
+        return QueryBank(
+            vectors,
+            json.loads(texts),
+            model,
+            direction,
+            int(version or 0),
+            m["base"],
+            m.get("weights_hash"),
+        )
 
     def get(self, model: str, direction: str) -> QueryBank | None:
         with self._redis.pipeline(transaction=True) as pipe:
@@ -173,20 +227,61 @@ class RedisQueryBankStore(QueryBankStore):
         return int(v) if v is not None else 0  # type: ignore[arg-type]
 
     def _write(
-        self, pipe: Any, model: str, direction: str, v: np.ndarray, t: list[str], base: int
+        self,
+        pipe: Any,
+        model: str,
+        direction: str,
+        v: np.ndarray,
+        t: list[str],
+        base: int,
+        weights_hash: str | None,
     ) -> None:
         meta_k, vec_k, txt_k, ver_k = self._keys(model, direction)
-        pipe.set(meta_k, json.dumps({"shape": list(v.shape[1:]), "base": base}))
+        meta = {"shape": list(v.shape[1:]), "base": base, "weights_hash": weights_hash}
+        pipe.set(meta_k, json.dumps(meta))
         pipe.set(vec_k, v.tobytes())
         pipe.set(txt_k, json.dumps(t))
         pipe.incr(ver_k)
 
-    def replace(self, model: str, direction: str, vectors: np.ndarray, texts: Sequence[str]) -> int:
+    def replace(
+        self,
+        model: str,
+        direction: str,
+        vectors: np.ndarray,
+        texts: Sequence[str],
+        weights_hash: str | None = None,
+    ) -> int:
         v = _check(model, direction, vectors, texts)
         with self._redis.pipeline(transaction=True) as pipe:
-            self._write(pipe, model, direction, v, list(texts), len(texts))
+            self._write(pipe, model, direction, v, list(texts), len(texts), weights_hash)
             version = int(pipe.execute()[-1])
         logger.info("querybank %s/%s replaced: %d rows, v%d", model, direction, len(v), version)
+        return version
+
+    def seed(
+        self,
+        model: str,
+        direction: str,
+        vectors: np.ndarray,
+        texts: Sequence[str],
+        weights_hash: str | None = None,
+    ) -> int | None:
+        v = _check(model, direction, vectors, texts)
+        ver_k = self._keys(model, direction)[3]
+        with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(ver_k)  # EXEC fails if another replica seeded (or built) first
+                    if pipe.get(ver_k) is not None:
+                        pipe.unwatch()
+                        return None
+                    pipe.multi()
+                    self._write(pipe, model, direction, v, list(texts), len(texts), weights_hash)
+                    version = int(pipe.execute()[-1])
+                    break
+                except self._watch_error:
+                    continue
+        logger.info("querybank %s/%s seeded: %d rows, v%d", model, direction, len(v), version)
         return version
 
     def append(self, model: str, direction: str, vectors: np.ndarray, texts: Sequence[str]) -> int:
@@ -202,7 +297,8 @@ class RedisQueryBankStore(QueryBankStore):
                         pipe.unwatch()
                         return old.version
                     pipe.multi()
-                    self._write(pipe, model, direction, all_v, all_t, base)
+                    hash_ = old.weights_hash if old is not None else None
+                    self._write(pipe, model, direction, all_v, all_t, base, hash_)
                     return int(pipe.execute()[-1])
                 except self._watch_error:
                     continue
@@ -260,6 +356,7 @@ class FileQueryBankStore(QueryBankStore):
                 direction,
                 meta["version"],
                 meta["base"],
+                meta.get("weights_hash"),
             )
         return (bank if not meta.get("deleted") else None), meta["version"]
 
@@ -289,9 +386,16 @@ class FileQueryBankStore(QueryBankStore):
         base: int,
         version: int,
         deleted: bool = False,
+        weights_hash: str | None = None,
     ) -> None:
         buf = io.BytesIO()
-        meta = {"version": version, "base": base, "model": model, "direction": direction}
+        meta: dict[str, Any] = {
+            "version": version,
+            "base": base,
+            "model": model,
+            "direction": direction,
+            "weights_hash": weights_hash,
+        }
         if deleted:
             meta["deleted"] = True
         np.savez(buf, vectors=v, texts=np.array(json.dumps(t)), meta=np.array(json.dumps(meta)))
@@ -299,13 +403,38 @@ class FileQueryBankStore(QueryBankStore):
         marker = str(version).encode("ascii")  # after the bank: never names a missing version
         atomic_write_bytes(self._marker(model, direction), marker, fsync=self.fsync)
 
-    def replace(self, model: str, direction: str, vectors: np.ndarray, texts: Sequence[str]) -> int:
+    def replace(
+        self,
+        model: str,
+        direction: str,
+        vectors: np.ndarray,
+        texts: Sequence[str],
+        weights_hash: str | None = None,
+    ) -> int:
         v = _check(model, direction, vectors, texts)
         with self._locked(model, direction):
             version = self._load(model, direction)[1] + 1
-            self._save(model, direction, v, list(texts), len(texts), version)
+            self._save(
+                model, direction, v, list(texts), len(texts), version, weights_hash=weights_hash
+            )
         logger.info("querybank %s/%s replaced: %d rows, v%d", model, direction, len(v), version)
         return version
+
+    def seed(
+        self,
+        model: str,
+        direction: str,
+        vectors: np.ndarray,
+        texts: Sequence[str],
+        weights_hash: str | None = None,
+    ) -> int | None:
+        v = _check(model, direction, vectors, texts)
+        with self._locked(model, direction):
+            if self._load(model, direction)[1] != 0:
+                return None
+            self._save(model, direction, v, list(texts), len(texts), 1, weights_hash=weights_hash)
+        logger.info("querybank %s/%s seeded: %d rows, v1", model, direction, len(v))
+        return 1
 
     def append(self, model: str, direction: str, vectors: np.ndarray, texts: Sequence[str]) -> int:
         v = _check(model, direction, vectors, texts)
@@ -314,7 +443,8 @@ class FileQueryBankStore(QueryBankStore):
             all_v, all_t, base = _merge(old, v, texts, self.cap)
             if old is not None and all_t == old.texts:
                 return version
-            self._save(model, direction, all_v, all_t, base, version + 1)
+            hash_ = old.weights_hash if old is not None else None
+            self._save(model, direction, all_v, all_t, base, version + 1, weights_hash=hash_)
             return version + 1
 
     def delete(self, model: str, direction: str) -> None:

@@ -10,7 +10,8 @@ of candidates scoring strictly higher than the ground truth (plus one): exact, n
 (cheaper than a partial sort, and ties count in the query's favour as with a stable argsort).
 
 `models` never imports `index`: callers that want QB-Norm pass ``t2i_renorm``, a function
-mapping the text-to-image similarity block ``[Q, n_images]`` to renormalised scores.
+mapping the text-to-image similarity block ``[Q, n_images]`` to renormalised scores, and/or
+``i2t_renorm``, the same for the image-to-text block ``[n_images, n_captions]``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "embed_cached",
     "evaluate",
     "rank_i2t",
+    "renormed_metrics",
     "rank_t2i",
     "retrieval_metrics",
     "similarity_matrix",
@@ -85,15 +87,18 @@ def retrieval_metrics(
     sims: np.ndarray,
     caption_to_image: np.ndarray,
     sims_t2i: np.ndarray | None = None,
+    sims_i2t: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Metrics from an image x caption similarity matrix ``[n_img, n_cap]``.
 
     ``sims_t2i`` ([n_cap, n_img]) overrides the scores used for text-to-image (e.g. after
-    QB-Norm); by default it is ``sims.T``.
+    QB-Norm); by default it is ``sims.T``. ``sims_i2t`` ([n_img, n_cap]) does the same for
+    image-to-text (default ``sims``).
     """
     sims = np.asarray(sims, dtype=np.float32)
     t2i = sims.T if sims_t2i is None else np.asarray(sims_t2i, dtype=np.float32)
-    out = {**_recalls(rank_i2t(sims, caption_to_image), "i2t")}
+    i2t = sims if sims_i2t is None else np.asarray(sims_i2t, dtype=np.float32)
+    out = {**_recalls(rank_i2t(i2t, caption_to_image), "i2t")}
     out.update(_recalls(rank_t2i(t2i, caption_to_image), "t2i"))
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
     return {k: out[k] for k in METRIC_KEYS}
@@ -132,17 +137,31 @@ def evaluate(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     t2i_renorm: Renorm | None = None,
+    i2t_renorm: Renorm | None = None,
 ) -> dict[str, float]:
     """Retrieval metrics of ``model`` on cached features of one split.
 
-    With ``t2i_renorm`` (e.g. QB-Norm), the result also holds every key prefixed ``qbnorm_``
-    computed with the renormalised text-to-image scores.
+    With ``t2i_renorm`` and/or ``i2t_renorm`` (e.g. QB-Norm), the result also holds every key
+    prefixed ``qbnorm_`` computed with the renormalised scores of those directions.
     """
     img, txt = embed_cached(model, feats, batch_size, device)
     sims = similarity_matrix(model, img, txt)  # [n_img, n_cap]
-    metrics = retrieval_metrics(sims, feats.caption_to_image)
-    if t2i_renorm is not None:
-        renormed = t2i_renorm(np.ascontiguousarray(sims.T))
-        qb = retrieval_metrics(sims, feats.caption_to_image, sims_t2i=renormed)
-        metrics.update({f"qbnorm_{k}": v for k, v in qb.items()})
+    return renormed_metrics(sims, feats.caption_to_image, t2i_renorm, i2t_renorm)
+
+
+def renormed_metrics(
+    sims: np.ndarray,
+    caption_to_image: np.ndarray,
+    t2i_renorm: Renorm | None = None,
+    i2t_renorm: Renorm | None = None,
+) -> dict[str, float]:
+    """:func:`retrieval_metrics` of ``sims [n_img, n_cap]``, plus the ``qbnorm_`` keys when a
+    renormalisation of either direction is given."""
+    metrics = retrieval_metrics(sims, caption_to_image)
+    if t2i_renorm is None and i2t_renorm is None:
+        return metrics
+    t2i = t2i_renorm(np.ascontiguousarray(sims.T)) if t2i_renorm is not None else None
+    i2t = i2t_renorm(np.ascontiguousarray(sims)) if i2t_renorm is not None else None
+    qb = retrieval_metrics(sims, caption_to_image, sims_t2i=t2i, sims_i2t=i2t)
+    metrics.update({f"qbnorm_{k}": v for k, v in qb.items()})
     return metrics

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.backends import Backends, backend_mode, close_quietly, open_backends
 from service.normalizers import Refresher, build_normalizers
+from service.seeding import load_calibration, seed_querybanks
 from service.settings import MODALITIES, Settings
 from service.state import ServiceState
 
@@ -55,6 +56,12 @@ def build_state(state: ServiceState, model: Any = None) -> None:
     state.galleries = open_galleries(settings, model)
     backends = open_backends(settings, parts=("queue", "jobs", "querybank"))
     state.querybank = backends.querybank
+    if settings.qbnorm.seed_shipped and state.querybank is not None:
+        try:
+            seed_querybanks(state.querybank, model, settings.qbnorm.bank_dir)
+        except Exception:  # noqa: BLE001 - serve without QB-Norm rather than not at all
+            logger.warning("qbnorm: seeding the shipped querybanks failed", exc_info=True)
+    state.calibration = load_calibration(model, settings.qbnorm.bank_dir)
     build_normalizers(state, force=True)
     state.refresher = Refresher(state).start()
     state.queue, state.jobs = backends.queue, backends.jobs

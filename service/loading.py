@@ -8,12 +8,12 @@ from pathlib import Path
 
 from models import XModal, create_model
 from models.device import resolve_device
-from models.runtime import enable_onnx
+from models.runtime import enable_onnx, weights_hash
 from service.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["default_onnx_cache", "load_serving_model"]
+__all__ = ["default_onnx_cache", "load_serving_model", "model_weights_hash"]
 
 
 def default_onnx_cache() -> Path:
@@ -34,3 +34,16 @@ def load_serving_model(settings: ModelSettings, *, device: str | None = None) ->
         on = enable_onnx(model, cache)
         logger.info("model %s: %s engine", model.name, "onnx" if on else "eager")
     return model
+
+
+def model_weights_hash(model: object) -> str | None:
+    """:func:`models.runtime.weights_hash` of ``model``, computed once and kept on it (a
+    querybank records it, so a bank encoded by another checkpoint is never applied); None for
+    an object that is not a model with weights."""
+    cached = getattr(model, "_xmodal_weights_hash", None)
+    if cached is None:
+        if not isinstance(model, XModal):
+            return None
+        cached = weights_hash(model)
+        setattr(model, "_xmodal_weights_hash", cached)  # noqa: B010 - nn.Module keeps it
+    return str(cached)

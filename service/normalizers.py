@@ -1,4 +1,4 @@
-"""Building and refreshing the QB-Norm normalisers of the visual galleries.
+"""Building and refreshing the QB-Norm normalisers: one per (bank, gallery it normalises).
 
 A search only reads ``state.normalizers``. Refits run on one background thread,
 :class:`Refresher`: it compares the querybank store's version with the live normalisers' at
@@ -13,49 +13,114 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
+from index.querybank import direction_of
 from service import metrics
-from service.state import QBNORM_TARGETS, QUERYBANK_DIRECTION, ServiceState
+from service.loading import model_weights_hash
+from service.state import QBNORM_TARGETS, ServiceState
+
+if TYPE_CHECKING:
+    from index.qbnorm import QBNormalizer
+    from index.querybank import QueryBank
 
 logger = logging.getLogger(__name__)
 
 
-def build_normalizers(state: ServiceState, force: bool = False) -> None:
-    """QB-Norm normalisers for the visual galleries over the current text->visual bank.
+def _usable(state: ServiceState, bank: QueryBank | None) -> bool:
+    """Whether ``bank`` can normalise the serving model's searches: present, non-empty, of the
+    model's vector shape, and encoded by these weights (a bank that records another weights
+    hash is skipped with one warning per version)."""
+    if bank is None or len(bank) == 0 or state.model is None:
+        return False
+    want_shape: tuple[int, ...] = (state.model.embed_dim,)
+    if state.model.num_vectors > 1:
+        want_shape = (state.model.num_vectors, state.model.embed_dim)
+    problem = None
+    if tuple(bank.vectors.shape[1:]) != want_shape:
+        problem = (
+            f"rows of shape {list(bank.vectors.shape[1:])}, the model's are {list(want_shape)}"
+        )
+    elif bank.weights_hash is not None:
+        have = model_weights_hash(state.model)
+        if have is not None and have != bank.weights_hash:
+            problem = f"encoded by weights {bank.weights_hash[:12]}, serving {have[:12]}"
+    if problem is None:
+        return True
+    if state.skipped_banks.get(bank.modality) != bank.version:
+        state.skipped_banks[bank.modality] = bank.version  # warned once; not re-read
+        logger.warning(
+            "qbnorm: %s querybank v%d of %s skipped (%s); rebuild it with `xmodal querybank "
+            "build --modality %s`",
+            bank.modality,
+            bank.version,
+            state.model_name,
+            problem,
+            bank.modality,
+        )
+    return False
 
-    Rebuilt only when the bank version changed (or ``force``); no bank -> no normalisers.
+
+def _live_version(state: ServiceState, modality: str) -> int | None:
+    current = next(iter(state.normalizers.get(modality, {}).values()), None)
+    return current.bank_version if current is not None else None
+
+
+def build_normalizers(
+    state: ServiceState, force: bool = False, only: set[str] | None = None
+) -> None:
+    """QB-Norm normalisers of every bank (text, image, video queries) over the galleries it
+    normalises (``QBNORM_TARGETS``), from the store's current banks.
+
+    A bank is refitted only when its version changed (or ``force``); ``only`` limits the work
+    to those bank modalities. No (usable) bank -> no normalisers for it.
     """
     if state.querybank is None or state.model is None:
         return
     with state.lock:
-        bank = state.querybank.get(state.model_name, QUERYBANK_DIRECTION)
-        current = next(iter(state.normalizers.values()), None)
-        if bank is None or len(bank) == 0:
-            for old in state.normalizers.values():
-                old.detach()
-            state.normalizers = {}
-            return
-        if not force and current is not None and current.bank_version == bank.version:
-            return
-        from index.qbnorm import QBNormalizer
+        fresh: dict[str, dict[str, QBNormalizer]] = dict(state.normalizers)
+        for modality, targets in QBNORM_TARGETS.items():
+            if only is not None and modality not in only:
+                continue
+            bank = state.querybank.get(state.model_name, direction_of(modality))
+            old = fresh.pop(modality, {})
+            if not _usable(state, bank):
+                for n in old.values():
+                    n.detach()
+                continue
+            assert bank is not None
+            if not force and old and _live_version(state, modality) == bank.version:
+                fresh[modality] = old
+                continue
+            from index.qbnorm import QBNormalizer
 
-        fresh = {
-            m: QBNormalizer.from_bank(bank, state.settings.qbnorm).fit(state.galleries[m])
-            for m in QBNORM_TARGETS
-            if m in state.galleries
-        }
-        for old in state.normalizers.values():
-            old.detach()
+            fresh[modality] = {
+                m: QBNormalizer.from_bank(bank, state.settings.qbnorm).fit(state.galleries[m])
+                for m in targets
+                if m in state.galleries
+            }
+            for n in old.values():
+                n.detach()
+            logger.info(
+                "qbnorm: %s bank v%s (%d queries) fitted", modality, bank.version, len(bank)
+            )
         state.normalizers = fresh
-        logger.info("qbnorm: bank v%s (%d queries) fitted", bank.version, len(bank))
 
 
-def bank_changed(state: ServiceState) -> bool:
-    """Whether the store's bank version differs from the live normalisers' (cheap)."""
+def changed_banks(state: ServiceState) -> set[str]:
+    """Bank modalities whose store version differs from the live normalisers' (cheap: a
+    version read per bank, never the bank itself)."""
     if state.querybank is None:
-        return False
+        return set()
+    out = set()
     try:
-        version = state.querybank.version(state.model_name, QUERYBANK_DIRECTION)
+        for modality in QBNORM_TARGETS:
+            version = state.querybank.version(state.model_name, direction_of(modality))
+            have = _live_version(state, modality)
+            if state.skipped_banks.get(modality) == version:
+                continue  # the version we skipped (another checkpoint's): nothing new
+            if version != have and bool(version or have):
+                out.add(modality)
     except Exception:
         # store unreachable: keep serving the bank we have, and say so (querybank_stale)
         state.bank_stale = True
@@ -63,9 +128,12 @@ def bank_changed(state: ServiceState) -> bool:
         raise
     state.bank_stale = False
     metrics.QUERYBANK_STALE.set(0)
-    current = next(iter(state.normalizers.values()), None)
-    have = current.bank_version if current is not None else None
-    return version != have and bool(version or have)
+    return out
+
+
+def bank_changed(state: ServiceState) -> bool:
+    """Whether any bank's store version differs from the live normalisers' (cheap)."""
+    return bool(changed_banks(state))
 
 
 class Refresher:
@@ -114,8 +182,9 @@ class Refresher:
                 target = self._requested
                 forced = target > self._done
             try:
-                if forced or bank_changed(self.state):
-                    build_normalizers(self.state, force=True)
+                changed = changed_banks(self.state)
+                if forced or changed:  # refit the banks whose version moved, only those
+                    build_normalizers(self.state, only=None if forced else changed)
             except Exception:  # noqa: BLE001 - keep serving with the normalisers we have
                 logger.warning("qbnorm: refit failed", exc_info=True)
             with self._cond:
@@ -123,4 +192,4 @@ class Refresher:
                 self._cond.notify_all()
 
 
-__all__ = ["Refresher", "bank_changed", "build_normalizers"]
+__all__ = ["Refresher", "bank_changed", "build_normalizers", "changed_banks"]

@@ -72,6 +72,13 @@ class SearchRequest(_Request):
         allow_inf_nan=False,
         description="drop results whose `score` (QB-Norm-normalised when applied) is below",
     )
+    min_probability: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="drop results whose calibrated `probability` is below (or null: results "
+        "QB-Norm did not normalise, or a model without a shipped calibration)",
+    )
     filter: dict[str, FilterValue] = Field(
         default_factory=dict, description="equality filter on item metadata"
     )
@@ -124,6 +131,12 @@ class SearchResult(BaseModel):
     modality: Modality
     score: float = Field(description="QB-Norm-normalised score when applied, else raw_score")
     raw_score: float = Field(description="cosine (or Smooth-Chamfer for set models)")
+    probability: float | None = Field(
+        None,
+        description="calibrated P(this is a right answer) from raw score, QB-Norm score and the "
+        "margin to the next hit (a per-model logistic fit on dev); the same meaning for every "
+        "query. Null when QB-Norm did not normalise the hit or the model ships no calibration",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
     start: float | None = Field(None, description="videos: best segment start, seconds")
     end: float | None = Field(None, description="videos: best segment end, seconds")

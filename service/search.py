@@ -37,7 +37,11 @@ class SearchOutcome:
     results: list[SearchResult]
     query_kind: str
     qbnorm_applied: bool
+    bank: str | None = None  # modality of the bank that normalises this query kind, if served
 
+
+# One hit before paging: (modality, hit, score, raw score, calibrated probability or None).
+Row = tuple[Modality, Any, float, float, float | None]
 
 # What a query searches when the request names no targets: the other side of the bridge.
 DEFAULT_TARGETS: dict[str, list[Modality]] = {
@@ -130,36 +134,47 @@ def search_targets(
     n: int,
     flt: dict[str, Any] | None,
     want_qbnorm: bool,
-) -> tuple[list[tuple[Modality, Any, float, float]], bool]:
-    """Blocking: search each target gallery, QB-Norm where it applies.
+) -> tuple[list[Row], bool]:
+    """Blocking: search each target gallery, QB-Norm where it applies (the bank of the
+    query's modality, :meth:`ServiceState.bank_for`, over the galleries it normalises).
 
-    Returns ``[(modality, hit, score, raw_score)]`` unsorted, and whether QB-Norm was applied.
+    Returns ``[(modality, hit, score, raw_score, probability)]`` unsorted, and whether QB-Norm
+    was applied. ``probability`` (the model's calibrated ``P(right)``, :mod:`index.calibration`)
+    is set for the hits QB-Norm normalised when the model ships a calibration, else None.
     """
-    out: list[tuple[Modality, Any, float, float]] = []
+    out: list[Row] = []
     applied = False
-    qbnorm_here = want_qbnorm and query_kind == "text"
+    bank = state.bank_for(query_kind) if want_qbnorm else None
+    normalizers = state.normalizers.get(bank, {}) if bank is not None else {}
+    calibration = state.calibration if bank is not None else None
     for modality in targets:
         gallery = state.galleries[modality]
         if len(gallery) == 0:
             continue
-        normalizer = state.normalizers.get(modality) if qbnorm_here else None
+        normalizer = normalizers.get(modality)
         t0 = time.perf_counter()
         if normalizer is not None:
             # QB-Norm's own search: an adaptive raw shortlist, normalised, top-n kept
             mode = state.settings.qbnorm.mode
+            # a calibrated probability needs the margin to the next hit: at least two hits
+            wanted = max(n, 2) if calibration is not None else n
             hits = normalizer.search(
-                q, n, filter=flt or None, mode=mode if mode != "off" else "dis"
+                q, wanted, filter=flt or None, mode=mode if mode != "off" else "dis"
             )
             metrics.SEARCH_STAGE.labels("qbnorm").observe(time.perf_counter() - t0)
             applied = True
+            row = hits[0]
+            raw = np.array([h.score for h in row], dtype=np.float64)
+            norm = np.array([h.score if h.norm_score is None else h.norm_score for h in row])
+            probs = calibration.probability(bank, raw, norm) if calibration and bank else None
             out.extend(
-                (modality, h, float(h.score if h.norm_score is None else h.norm_score), h.score)
-                for h in hits[0]
+                (modality, h, float(norm[i]), h.score, None if probs is None else float(probs[i]))
+                for i, h in enumerate(row)
             )
         else:
             hits = search_items(gallery, q, n, filter=flt or None)
             metrics.SEARCH_STAGE.labels("search").observe(time.perf_counter() - t0)
-            out.extend((modality, h, float(h.score), float(h.score)) for h in hits[0])
+            out.extend((modality, h, float(h.score), float(h.score), None) for h in hits[0])
     return out, applied
 
 
@@ -179,29 +194,43 @@ async def run_search(
         search_targets, state, q, query_kind, targets, n, req.filter, want_qbnorm
     )
     t1 = time.perf_counter()
-    page = merge_and_page(found, req.offset, req.top_k, req.min_score)
-    results = [_result(state, modality, hit, score, raw) for modality, hit, score, raw in page]
+    page = merge_and_page(found, req.offset, req.top_k, req.min_score, req.min_probability)
+    results = [_result(state, *row) for row in page]
     metrics.SEARCH_STAGE.labels("rerank").observe(time.perf_counter() - t1)
     metrics.SEARCHES.labels(query_kind, str(applied).lower()).inc()
-    return SearchOutcome(results=results, query_kind=query_kind, qbnorm_applied=applied)
+    return SearchOutcome(
+        results=results,
+        query_kind=query_kind,
+        qbnorm_applied=applied,
+        bank=state.bank_for(query_kind),
+    )
 
 
 def merge_and_page(
-    found: list[tuple[Modality, Any, float, float]],
+    found: list[Row],
     offset: int,
     top_k: int,
     min_score: float | None,
-) -> list[tuple[Modality, Any, float, float]]:
+    min_probability: float | None = None,
+) -> list[Row]:
     """Merge across modalities: best score first, ties broken by id for a stable order; drop
-    rows under ``min_score``; the ``[offset, offset + top_k)`` page."""
+    rows under ``min_score``, and under ``min_probability`` (rows without a probability too);
+    the ``[offset, offset + top_k)`` page."""
     found = sorted(found, key=lambda row: (-row[2], row[1].id))
     if min_score is not None:
         found = [row for row in found if row[2] >= min_score]
+    if min_probability is not None:
+        found = [row for row in found if row[4] is not None and row[4] >= min_probability]
     return found[offset : offset + top_k]
 
 
 def _result(
-    state: ServiceState, modality: Modality, hit: Any, score: float, raw: float
+    state: ServiceState,
+    modality: Modality,
+    hit: Any,
+    score: float,
+    raw: float,
+    probability: float | None,
 ) -> SearchResult:
     record = state.galleries[modality].get(hit.id)
     metadata = dict(record.metadata) if record is not None else {}
@@ -213,6 +242,7 @@ def _result(
         modality=modality,
         score=score,
         raw_score=raw,
+        probability=probability,
         metadata=metadata,
         start=start,
         end=end,

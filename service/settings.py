@@ -96,6 +96,21 @@ class QueueSettings(BaseModel):
     job_ttl_s: int = Field(7 * 24 * 3600, ge=1)  # job status kept this long after its last change
 
 
+class QBNormSettings(QBNormConfig):
+    """QB-Norm: the normaliser's knobs (:class:`index.qbnorm.QBNormConfig`) and where the
+    service's banks come from."""
+
+    seed_shipped: bool = Field(
+        default=True,
+        description="on start, load the model's shipped querybanks (<model>.querybank-"
+        "{text,image}.safetensors) into a store that never held a bank for it",
+    )
+    bank_dir: Path | None = Field(
+        default=None,
+        description="folder of shipped bank and calibration files; None = models/weights",
+    )
+
+
 class AuthSettings(BaseModel):
     """Optional API keys: with none configured, the API is open."""
 
@@ -119,7 +134,7 @@ class Settings(BaseSettings):
     log_json: bool = True
     model: ModelSettings = Field(default_factory=ModelSettings)
     index: GalleryConfig = Field(default_factory=GalleryConfig)
-    qbnorm: QBNormConfig = Field(default_factory=QBNormConfig)
+    qbnorm: QBNormSettings = Field(default_factory=QBNormSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)

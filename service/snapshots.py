@@ -92,7 +92,8 @@ def create_snapshot(state: Any, dest: Path) -> dict[str, Any]:
         for direction in DIRECTIONS:
             bank = state.querybank.get(state.model_name, direction)
             if bank is not None and len(bank):
-                store.replace(state.model_name, direction, bank.vectors, list(bank.texts))
+                texts = list(bank.texts)
+                store.replace(state.model_name, direction, bank.vectors, texts, bank.weights_hash)
                 banks[direction] = len(bank)
     files = {str(p.relative_to(dest)): _sha256(p) for p in sorted(dest.rglob("*")) if p.is_file()}
     files = {k: v for k, v in files.items() if not Path(k).name.startswith(".")}
@@ -175,7 +176,10 @@ def restore_snapshot(src: Path, settings: Any, force: bool = False) -> dict[str,
             for direction in manifest["querybank"]:
                 bank = source.get(manifest["model"], direction)
                 if bank is not None:
-                    store.replace(manifest["model"], direction, bank.vectors, list(bank.texts))
+                    texts = list(bank.texts)
+                    store.replace(
+                        manifest["model"], direction, bank.vectors, texts, bank.weights_hash
+                    )
         finally:
             close = getattr(store, "close", None)
             if callable(close):

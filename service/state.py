@@ -20,6 +20,7 @@ from service.encoder import Overloaded
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from index.calibration import ScoreCalibration
     from index.gallery import Gallery
     from index.qbnorm import QBNormalizer
     from index.querybank import QueryBankStore
@@ -31,10 +32,21 @@ logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
-# The bank QB-Norm uses at serving time: text queries against visual galleries
-# (index.querybank direction "t2v").
-QUERYBANK_DIRECTION = "t2v"
-QBNORM_TARGETS = ("image", "video")
+# QB-Norm at serving time, decided here once. A bank holds queries of one modality
+# (index.querybank.BANK_DIRECTION names its key) and normalises searches of these galleries:
+QBNORM_TARGETS: dict[str, tuple[str, ...]] = {
+    "text": ("image", "video"),
+    "image": ("text",),
+    "video": ("text",),
+}
+# ...and a query of a modality is normalised by the first of these banks that is served
+# (a video query uses the video bank when one exists, else the image bank: video items are
+# embedded from frames, in the image space).
+QBNORM_BANKS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "image": ("image",),
+    "video": ("video", "image"),
+}
 
 
 class ServingModel(Protocol):
@@ -100,7 +112,8 @@ class ServiceState:
     encoder: QueryEncoder | None = None
     galleries: dict[str, Gallery] = field(default_factory=dict)  # modality -> gallery
     querybank: QueryBankStore | None = None
-    normalizers: dict[str, QBNormalizer] = field(default_factory=dict)  # modality -> QB-Norm
+    # bank modality -> target gallery modality -> QB-Norm (see QBNORM_TARGETS)
+    normalizers: dict[str, dict[str, QBNormalizer]] = field(default_factory=dict)
     refresher: NormalizerRefresher | None = None  # refits ``normalizers`` in the background
     queue: IngestQueue | None = None
     jobs: JobStore | None = None
@@ -111,6 +124,9 @@ class ServiceState:
     ready: bool = False
     error: str | None = None  # why loading failed, when it did
     bank_stale: bool = False  # the last querybank check failed (store unreachable): cached bank
+    calibration: ScoreCalibration | None = None  # P(right) of a hit, when the model ships one
+    # bank modality -> the store version skipped as unusable (another checkpoint's weights)
+    skipped_banks: dict[str, int] = field(default_factory=dict)
     stop_event: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -166,35 +182,48 @@ class ServiceState:
         enqueue_job(self.jobs, self.queue, job_id, payloads)
 
     # ---- querybank and QB-Norm --------------------------------------------------------------
-    def querybank_info(self) -> tuple[int, int | None]:
-        """(size, version) of the serving model's text->visual bank; (0, None) when none."""
+    def querybank_info(self, modality: str = "text") -> tuple[int, int | None]:
+        """(size, version) of the serving model's bank of ``modality`` queries in the store;
+        (0, None) when none."""
+        from index.querybank import direction_of
+
         if self.querybank is None:
             return 0, None
-        bank = self.querybank.get(self.model_name, QUERYBANK_DIRECTION)
+        bank = self.querybank.get(self.model_name, direction_of(modality))
         if bank is None:
             return 0, None
         return int(len(bank)), int(bank.version)
 
-    def serving_bank(self) -> tuple[int, int | None]:
-        """(size, version) of the bank the live QB-Norm normalisers use, without reading the
-        store (cheap: for every search response and metrics scrape); (0, None) when none."""
-        current = next(iter(self.normalizers.values()), None)
+    def bank_for(self, query_modality: str) -> str | None:
+        """The modality of the served bank that normalises ``query_modality`` queries (see
+        QBNORM_BANKS), or None when none is served (or the query kind has no bank)."""
+        for bank in QBNORM_BANKS.get(query_modality, ()):
+            if self.normalizers.get(bank):
+                return bank
+        return None
+
+    def serving_bank(self, modality: str = "text") -> tuple[int, int | None]:
+        """(size, version) of the live bank of ``modality`` queries, without reading the store
+        (cheap: for every search response and metrics scrape); (0, None) when none."""
+        current = next(iter(self.normalizers.get(modality, {}).values()), None)
         if current is None:
             return 0, None
         return int(len(current.bank)), int(current.bank_version)
 
-    def append_querybank(self, vectors: Any, texts: list[str]) -> None:
+    def append_querybank(self, vectors: Any, texts: list[str], modality: str = "text") -> None:
         """Append encoded queries to the bank; the background refresher refits QB-Norm over
         it, and this returns once it has (so the next search uses the new bank)."""
+        from index.querybank import direction_of
+
         assert self.querybank is not None
-        self.querybank.append(self.model_name, QUERYBANK_DIRECTION, vectors, texts)
+        self.querybank.append(self.model_name, direction_of(modality), vectors, texts)
         if self.refresher is not None and not self.refresher.refit_now():
             logger.warning("qbnorm: refit after the querybank append did not finish in time")
 
 
 __all__ = [
+    "QBNORM_BANKS",
     "QBNORM_TARGETS",
-    "QUERYBANK_DIRECTION",
     "DeletePublisher",
     "NormalizerRefresher",
     "Pinger",

@@ -6,11 +6,12 @@ import logging
 
 from fastapi import APIRouter, Response, status
 
+from index.querybank import BANK_DIRECTION
 from service import metrics, monitoring
 from service.backends import backend_mode
 from service.deps import MetricsAccess, State
 from service.schemas import HealthResponse, ReadyResponse
-from service.state import QUERYBANK_DIRECTION, ServiceState
+from service.state import ServiceState
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,12 @@ def prometheus_metrics(state: State) -> Response:
 
 
 def querybank_stats(state: ServiceState) -> dict[str, tuple[int, int]]:
-    """direction -> (size, version) of the serving model's bank."""
-    size, version = state.serving_bank()
-    return {QUERYBANK_DIRECTION: (size, version or 0)}
+    """direction -> (size, version) of each of the serving model's live banks."""
+    out: dict[str, tuple[int, int]] = {}
+    for modality, direction in BANK_DIRECTION.items():
+        size, version = state.serving_bank(modality)
+        out[direction] = (size, version or 0)
+    return out
 
 
 def queue_stats(state: ServiceState) -> dict[str, int]:

@@ -25,7 +25,17 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["search"])
 
-_FORM_FIELDS = {"text", "item_id", "targets", "top_k", "offset", "qbnorm", "min_score", "filter"}
+_FORM_FIELDS = {
+    "text",
+    "item_id",
+    "targets",
+    "top_k",
+    "offset",
+    "qbnorm",
+    "min_score",
+    "min_probability",
+    "filter",
+}
 
 _OPENAPI_BODY: dict[str, Any] = {
     "requestBody": {
@@ -47,6 +57,7 @@ _OPENAPI_BODY: dict[str, Any] = {
                         "offset": {"type": "integer"},
                         "qbnorm": {"type": "boolean"},
                         "min_score": {"type": "number"},
+                        "min_probability": {"type": "number"},
                         "filter": {"type": "string", "description": "a JSON object"},
                     },
                 }
@@ -179,7 +190,7 @@ async def search(request: Request, state: ReadyState) -> SearchResponse:
         took_ms=round((time.perf_counter() - start) * 1000, 3),
         model=state.model_name,
         index_version=state.index_version(),
-        querybank_version=state.serving_bank()[1],
+        querybank_version=state.serving_bank(outcome.bank)[1] if outcome.bank else None,
         qbnorm_applied=outcome.qbnorm_applied,
         querybank_stale=outcome.qbnorm_applied and state.bank_stale,
     )

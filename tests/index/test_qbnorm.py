@@ -12,6 +12,7 @@ from index.qbnorm import (
     activation_set,
     dynamic_inverted_softmax,
     inverted_softmax,
+    normalised_scores,
     rank_agreement,
 )
 from tests.index.helpers import clustered, unit
@@ -110,6 +111,11 @@ def test_serving_form_equals_dense_form(tmp_path: Path) -> None:
             assert h.score == pytest.approx(sims[qi, j], abs=1e-5)
             if h.id == row[0].id or row[0].id in qb.active_ids:
                 assert h.norm_score == pytest.approx(sims[qi, j] - lse[j] / cfg.beta, abs=1e-4)
+    # the dense normalised scores are what the serving form returns, hit for hit
+    norm = normalised_scores(sims, bank_sims, cfg.beta, cfg.k)
+    for qi, row in enumerate(served):
+        for h in row:
+            assert h.norm_score == pytest.approx(norm[qi, int(h.id[1:])], abs=1e-4)
     # "is" and "off" modes
     is_dense = inverted_softmax(sims, bank_sims, cfg.beta)
     is_top = [[f"i{j}" for j in np.argsort(-row, kind="stable")[:10]] for row in is_dense]

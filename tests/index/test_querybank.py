@@ -9,8 +9,10 @@ import pytest
 
 from index.querybank import (
     FileQueryBankStore,
+    QueryBank,
     QueryBankStore,
     RedisQueryBankStore,
+    direction_of,
 )
 from tests.index.helpers import unit
 
@@ -81,3 +83,67 @@ def test_concurrent_appends_are_atomic(make_store: Callable[..., QueryBankStore]
     bank = stores[1].get("m", "v2t")
     assert bank is not None and len(bank) == 41 and bank.version == 41
     assert len(set(bank.texts)) == 41
+
+
+def test_directions_name_the_query_modality() -> None:
+    assert {m: direction_of(m) for m in ("text", "image", "video")} == {
+        "text": "t2v",
+        "image": "i2t",
+        "video": "v2t",
+    }
+    with pytest.raises(ValueError, match="querybank"):
+        direction_of("vector")
+    bank = QueryBank(rows(1), ["x"], "m", "i2t")
+    assert bank.modality == "image"
+
+
+def test_weights_hash_is_kept_by_replace_and_append(
+    make_store: Callable[..., QueryBankStore],
+) -> None:
+    store = make_store()
+    store.replace("m", "i2t", rows(2), ["a.jpg", "b.jpg"], weights_hash="abc123")
+    store.append("m", "i2t", rows(1, 1), ["c.jpg"])
+    bank = make_store().get("m", "i2t")
+    assert bank is not None and bank.weights_hash == "abc123" and len(bank) == 3
+    store.replace("m", "i2t", rows(1), ["d.jpg"])  # a build that does not know its weights
+    assert store.get("m", "i2t").weights_hash is None  # type: ignore[union-attr]
+
+
+def test_seed_writes_only_into_a_store_that_never_had_the_bank(
+    make_store: Callable[..., QueryBankStore],
+) -> None:
+    store = make_store()
+    assert store.seed("m", "t2v", rows(3), ["a", "b", "c"], weights_hash="w1") == 1
+    assert store.seed("m", "t2v", rows(2, 1), ["x", "y"], weights_hash="w1") is None
+    bank = store.get("m", "t2v")
+    assert bank is not None and bank.texts == ["a", "b", "c"] and bank.weights_hash == "w1"
+    # a bank the user built is never overwritten; nor is one the user deleted
+    store.replace("m", "i2t", rows(2), ["user 1", "user 2"])
+    assert store.seed("m", "i2t", rows(3), ["s1", "s2", "s3"]) is None
+    assert store.get("m", "i2t").texts == ["user 1", "user 2"]  # type: ignore[union-attr]
+    store.delete("m", "t2v")
+    assert store.seed("m", "t2v", rows(3), ["a", "b", "c"]) is None
+    assert store.get("m", "t2v") is None
+
+
+def test_replicas_seeding_at_once_write_one_bank(
+    make_store: Callable[..., QueryBankStore],
+) -> None:
+    stores = [make_store() for _ in range(6)]
+    results: list[int | None] = [None] * len(stores)
+    barrier = threading.Barrier(len(stores))
+
+    def start(i: int) -> None:
+        barrier.wait()
+        results[i] = stores[i].seed("m", "t2v", rows(4, i), [f"r{i} {j}" for j in range(4)])
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, r in enumerate(results) if r is not None]
+    assert len(winners) == 1 and results[winners[0]] == 1
+    bank = stores[0].get("m", "t2v")
+    assert bank is not None and bank.version == 1
+    assert bank.texts == [f"r{winners[0]} {j}" for j in range(4)]

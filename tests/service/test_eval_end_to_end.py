@@ -29,3 +29,17 @@ def test_onnx_and_eager_give_the_same_metrics_on_real_photos(
     keys = [k for k in fast if k.startswith(("i2t", "t2i", "rsum", "medr"))]
     assert keys and {k: fast[k] for k in keys} == {k: eager[k] for k in keys}
     assert fast["rsum"] > 300  # 24 photos: the trained model ranks far above chance (~115)
+
+
+def test_both_directions_are_normalised_with_their_banks(
+    capsys: pytest.CaptureFixture[str], flickr_dir: Path
+) -> None:
+    bank = ["--querybank-data", str(flickr_dir), "--querybank-split", "train"]
+    both = _run(capsys, flickr_dir, *bank)
+    t2i = _run(capsys, flickr_dir, *bank, "--querybank-directions", "t2i")
+    assert both["qbnorm_directions"] == "t2i,i2t" and t2i["qbnorm_directions"] == "t2i"
+    assert both["qbnorm_bank_image"] == 24 and both["qbnorm_bank_text"] == t2i["qbnorm_bank_text"]
+    # t2i only: image-to-text stays raw; both: the t2i half is the same, i2t has its own bank
+    assert all(t2i[f"qbnorm_i2t_r{k}"] == t2i[f"i2t_r{k}"] for k in (1, 5, 10))
+    assert all(both[f"qbnorm_t2i_r{k}"] == t2i[f"qbnorm_t2i_r{k}"] for k in (1, 5, 10))
+    assert {f"qbnorm_i2t_r{k}" for k in (1, 5, 10)} <= set(both)

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from index.querybank import FileQueryBankStore
-from service.state import QUERYBANK_DIRECTION
 from tests.service.test_api_helpers import make_settings, running
 
 
@@ -51,7 +50,7 @@ def test_a_bank_changed_elsewhere_is_refitted_in_the_background(model: Any, tmp_
         other = FileQueryBankStore(Path(settings.data_dir) / "querybank", fsync=False)
         version = other.replace(
             model.name,
-            QUERYBANK_DIRECTION,
+            "t2v",
             _bank(20, model.embed_dim),
             [f"caption {i}" for i in range(20)],
         )
@@ -59,7 +58,7 @@ def test_a_bank_changed_elsewhere_is_refitted_in_the_background(model: Any, tmp_
         while not state.normalizers:  # no request is made: only the refresher can fit
             assert time.monotonic() < deadline, "the refresher never picked up the new bank"
             time.sleep(0.05)
-        assert {m: n.bank_version for m, n in state.normalizers.items()} == {
+        assert {m: n.bank_version for m, n in state.normalizers["text"].items()} == {
             "image": version,
             "video": version,
         }
