@@ -37,6 +37,10 @@ class ModelSettings(BaseModel):
     # or "eager" (PyTorch). A model on a GPU always runs eager.
     runtime: Literal["onnx", "eager"] = "onnx"
     onnx_cache_dir: Path | None = None  # None = $XDG_CACHE_HOME/xmodal/onnx (~/.cache/...)
+    # How video frames are pooled into segment/clip vectors: None = the model's own (the
+    # shipped default: its trained GPO), "mean", or "gpo" (needs a model with a video GPO).
+    # Videos already indexed keep their vectors: re-index them after changing it.
+    video_pooling: Literal["mean", "gpo"] | None = None
 
 
 class IngestSettings(BaseModel):
