@@ -238,7 +238,7 @@ class VideoTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # Optimisation of the GPO's ~13k parameters (the only ones that train).
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(40, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -324,6 +324,7 @@ def train_video_pool(
     it is frozen. The checkpoints are full models (their heads + the trained GPO), so the
     best one can be exported and shipped as is (``xmodal export``).
     """
+    from models.checkpoint import save_checkpoint
     from models.train import _fit, _loss, _Run
 
     if model.video_pool is None:
@@ -351,6 +352,16 @@ def train_video_pool(
         ids_t = torch.from_numpy(ids).to(cfg.device)
         return _loss(model, vid, texts[torch.from_numpy(captions)], ids_t, loop, hardest), len(ids)
 
+    # Epoch 0 is the warm start (exactly mean pooling): the best checkpoint starts there, so
+    # training can only replace it with a GPO that scores higher on dev.
+    start = video_metrics(model, dev, "gpo", cfg.device)
+    logger.info("video GPO at its warm start (mean pooling): dev %s", start)
+    extra = {
+        # The base model's extras stay (its image/text training); the video GPO adds its own.
+        **model.checkpoint_extra,
+        "video_pool": {"data": data_id, "trained_by": "xmodal video train"},
+    }
+    save_checkpoint(model, out / "best.safetensors", extra)
     run = _Run(
         model=model,
         optimizer=optimizer,
@@ -361,12 +372,8 @@ def train_video_pool(
         data_id=data_id,
         label="video epoch",
         resumable=False,
-        # The base model's extras stay (its image/text training); the video GPO adds its own.
-        checkpoint_extra={
-            **model.checkpoint_extra,
-            "video_pool": {"data": data_id, "trained_by": "xmodal video train"},
-        },
+        checkpoint_extra=extra,
+        best=start["rsum"],
+        history={"loss": [], "dev": [{"epoch": 0, "step": 0, "seconds": 0.0, **start}]},
     )
-    before = video_metrics(model, dev, "gpo", cfg.device)
-    logger.info("video GPO at its warm start (mean pooling): dev %s", before)
     return _fit(loop, run)

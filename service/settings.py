@@ -37,10 +37,12 @@ class ModelSettings(BaseModel):
     # or "eager" (PyTorch). A model on a GPU always runs eager.
     runtime: Literal["onnx", "eager"] = "onnx"
     onnx_cache_dir: Path | None = None  # None = $XDG_CACHE_HOME/xmodal/onnx (~/.cache/...)
-    # How video frames are pooled into segment/clip vectors: None = the model's own (the
-    # shipped default: its trained GPO), "mean", or "gpo" (needs a model with a video GPO).
-    # Videos already indexed keep their vectors: re-index them after changing it.
-    video_pooling: Literal["mean", "gpo"] | None = None
+    video_pooling: Literal["mean", "gpo"] | None = Field(
+        None,
+        description="how video frames pool into segment/clip vectors: null = the model's own "
+        "(the shipped default: its trained GPO), `mean`, or `gpo` (needs a model with a video "
+        "GPO); videos already indexed keep their vectors, so re-index them after a change",
+    )
 
 
 class IngestSettings(BaseModel):

@@ -3,6 +3,7 @@ frame embeddings (tiny-random model, synthetic clips with known answers; seconds
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -123,14 +124,18 @@ def test_training_moves_only_the_video_gpo_and_reloads(model, tmp_path: Path) ->
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("video_pool.") for k in changed), changed
-    reloaded = load_checkpoint(best, pretrained=False)
-    assert reloaded.config.video.pooling == "gpo" and reloaded.video_pool is not None
-    assert (tmp_path / "history.json").is_file()
     # The trained GPO no longer pools like the mean: its rank weights moved.
     lengths = torch.tensor([4, 8])
     with torch.no_grad():
-        weights = reloaded.video_pool.gpo.compute_pool_weights(lengths, 8, torch.float32)
+        weights = model.video_pool.gpo.compute_pool_weights(lengths, 8, torch.float32)
     assert float((weights[0, :4] - 0.25).abs().max()) > 1e-4
+    # The best checkpoint is a full model with its video GPO, never below the warm start.
+    reloaded = load_checkpoint(best, pretrained=False)
+    assert reloaded.config.video.pooling == "gpo" and reloaded.video_pool is not None
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # epoch 0 = the mean warm start
+    dev = synthetic_clips(16, seed=3)
+    assert video_metrics(reloaded, dev)["rsum"] == pytest.approx(max(h["rsum"] for h in history))
 
 
 def test_training_needs_a_video_gpo(tmp_path: Path) -> None:
