@@ -103,7 +103,7 @@ class ClipSet:
 def embed_clip_set(
     model: Any,
     plans: Sequence[ClipPlan],
-    decoded: Iterable[list[Segment]],
+    decoded: Iterable[Sequence[Segment]],
     batch_size: int = 64,
     progress: bool = True,
 ) -> ClipSet:
@@ -129,7 +129,10 @@ def embed_clip_set(
         frames.append(model.embed_images(pending, batch_size).astype(np.float16))
     if len(clip_offsets) - 1 != len(plans):
         raise ValueError(f"{len(clip_offsets) - 1} decoded clips for {len(plans)} plans")
-    photo_spans, photo_clip, texts, caption_photo = [], [], [], []
+    photo_spans: list[tuple[float, float]] = []
+    photo_clip: list[int] = []
+    texts: list[str] = []
+    caption_photo: list[int] = []
     for c, plan in enumerate(plans):
         for photo in plan.photos:
             texts.extend(photo.captions)
@@ -186,26 +189,35 @@ def video_metrics(
         clips.frames[clips.segment_offsets[s] : clips.segment_offsets[s + 1]] for s in range(n_seg)
     ]
     segs = torch.cat(
-        [pool_windows(model, seg_windows[lo : lo + block], pooling, device).float().cpu()
-         for lo in range(0, n_seg, block)]
-    )  # fmt: skip
+        [
+            pool_windows(model, seg_windows[lo : lo + block], pooling, device).float().cpu()
+            for lo in range(0, n_seg, block)
+        ]
+    )
     whole = torch.cat(
         [
             pool_windows(
-                model, [clips.clip_frames(c) for c in range(lo, min(lo + block, clips.num_clips))],
-                pooling, device,
-            ).float().cpu()
+                model,
+                [clips.clip_frames(c) for c in range(lo, min(lo + block, clips.num_clips))],
+                pooling,
+                device,
+            )
+            .float()
+            .cpu()
             for lo in range(0, clips.num_clips, block)
         ]
-    )  # fmt: skip
+    )
     model.train(was_training)
     texts = torch.from_numpy(clips.captions.astype(np.float32))
     seg_sims = (texts @ segs.T).numpy()  # [Q, S]
     # An item scores its best segment (the gallery's rule); ties: the first segment.
     t2v = np.stack(
-        [seg_sims[:, clips.clip_offsets[c] : clips.clip_offsets[c + 1]].max(axis=1)
-         for c in range(clips.num_clips)], axis=1,
-    )  # fmt: skip  # [Q, C]
+        [
+            seg_sims[:, clips.clip_offsets[c] : clips.clip_offsets[c + 1]].max(axis=1)
+            for c in range(clips.num_clips)
+        ],
+        axis=1,
+    )  # [Q, C]
     caption_clip = clips.photo_clip[clips.caption_photo]  # [Q]
     sims_v2t = (whole @ texts.T).numpy()  # [C, Q]
     raw = retrieval_metrics(sims_v2t, caption_clip, sims_t2i=t2v)
@@ -283,10 +295,13 @@ def _draw_batches(
     its caption is one of a photo shown in the window, the photo drawn in proportion to how
     long the window shows it.
     """
-    by_photo = np.split(np.argsort(clips.caption_photo, kind="stable"),
-                        np.cumsum(np.bincount(clips.caption_photo))[:-1])  # fmt: skip
-    photos_of = np.split(np.arange(len(clips.photo_clip)),
-                         np.cumsum(np.bincount(clips.photo_clip))[:-1])  # fmt: skip
+    by_photo = np.split(
+        np.argsort(clips.caption_photo, kind="stable"),
+        np.cumsum(np.bincount(clips.caption_photo))[:-1],
+    )
+    photos_of = np.split(
+        np.arange(len(clips.photo_clip)), np.cumsum(np.bincount(clips.photo_clip))[:-1]
+    )
     order = rng.permutation(clips.num_clips)
     batches = []
     for lo in range(0, max(len(order) - cfg.batch_size + 1, 1), cfg.batch_size):
@@ -295,16 +310,25 @@ def _draw_batches(
             s_lo, s_hi = int(clips.clip_offsets[c]), int(clips.clip_offsets[c + 1])
             if rng.random() < cfg.whole_clip_fraction or s_hi - s_lo == 1:
                 frames = clips.clip_frames(int(c))
-                span = (float(clips.segment_spans[s_lo, 0]), float(clips.segment_spans[s_hi - 1, 1]))
+                span = (
+                    float(clips.segment_spans[s_lo, 0]),
+                    float(clips.segment_spans[s_hi - 1, 1]),
+                )
             else:
                 s = int(rng.integers(s_lo, s_hi))
                 frames = clips.frames[clips.segment_offsets[s] : clips.segment_offsets[s + 1]]
                 span = (float(clips.segment_spans[s, 0]), float(clips.segment_spans[s, 1]))
             photos = photos_of[int(c)]
-            shown = np.array([
-                max(0.0, min(span[1], clips.photo_spans[p, 1]) - max(span[0], clips.photo_spans[p, 0]))
-                for p in photos
-            ])  # fmt: skip
+            shown = np.array(
+                [
+                    max(
+                        0.0,
+                        min(span[1], clips.photo_spans[p, 1])
+                        - max(span[0], clips.photo_spans[p, 0]),
+                    )
+                    for p in photos
+                ]
+            )
             if shown.sum() <= 0:  # a window past every photo's end: any photo of the clip
                 shown = np.ones(len(photos))
             p = int(rng.choice(photos, p=shown / shown.sum()))

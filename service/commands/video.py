@@ -1,6 +1,7 @@
 """``xmodal video``: synthetic captioned clips, the video GPO's training, and its measurement.
 
-    xmodal video clips --data ../shared/data/flickr8k --split dev --clips 150 --out runs/video/clips-dev
+    xmodal video clips --data ../shared/data/flickr8k --split dev --clips 150 \
+        --out runs/video/clips-dev
     xmodal video train --train-clips runs/video/clips-train --dev-clips runs/video/clips-dev \
         --out runs/video/gpo
     xmodal video eval --clips runs/video/clips-dev [--checkpoint runs/video/gpo/best.safetensors]
@@ -75,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="text->video R@K and segment accuracy, GPO and mean")
     e.add_argument("--clips", type=Path, required=True, help="clips of `dev` photos")
     e.add_argument(
-        "--pooling", nargs="+", choices=["gpo", "mean"], default=None,
+        "--pooling",
+        nargs="+",
+        choices=["gpo", "mean"],
+        default=None,
         help="poolings to measure (default: gpo and mean when the model has a video GPO)",
-    )  # fmt: skip
+    )
     model_args(e)
     return p
 
@@ -145,7 +149,7 @@ def encoder_key(model: Any, manifest: Path, ingest: Any) -> str:
 def clip_set(model: Any, clips: Path) -> Any:
     """The clips' frame and caption embeddings (decoded as ingestion decodes), cached."""
     from models.video_clips import MANIFEST, load_manifest
-    from models.video_pool import ClipSet, embed_clip_set
+    from models.video_pool import ClipSet, Segment, embed_clip_set
     from service import media
     from service.settings import Settings
 
@@ -157,7 +161,7 @@ def clip_set(model: Any, clips: Path) -> Any:
         logger.info("frame embeddings from %s", cache)
         return ClipSet.load(cache), plans
 
-    def decoded() -> Iterator[list[tuple[float, float, list[Any]]]]:
+    def decoded() -> Iterator[list[Segment]]:
         for plan in plans:
             video = media.load_video(folder / plan.clip, ingest)
             yield [(s.start, s.end, s.frames) for s in video.segments]

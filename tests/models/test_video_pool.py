@@ -102,7 +102,9 @@ def test_metrics_find_the_right_clip_and_segment(model) -> None:  # type: ignore
     assert m["t2v_r1"] > 90 and m["v2t_r1"] > 90
     assert m["segment_acc"] > 90 and m["segment_acc_at_1"] > 90
     assert 50 <= m["segment_chance"] < 100  # photos straddling the 4 s cut overlap both
-    assert m["rsum"] == pytest.approx(sum(m[f"{d}_r{k}"] for d in ("t2v", "v2t") for k in (1, 5, 10)))
+    assert m["rsum"] == pytest.approx(
+        sum(m[f"{d}_r{k}"] for d in ("t2v", "v2t") for k in (1, 5, 10))
+    )
     assert m["queries"] == len(clips.captions) and m["clips"] == 12
     # Shuffled captions: the right clip is chance, not found.
     wrong = ClipSet(**{**clips.__dict__, "caption_photo": np.roll(clips.caption_photo, 7)})

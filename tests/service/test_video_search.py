@@ -39,8 +39,7 @@ def test_caption_finds_the_clip_and_the_photo_segment(
     settings = make_settings(tmp_path / "data", ingest={"media_root": tmp_path / "clips"})
     with running(settings, served_model) as c:
         items = [
-            {"id": p.clip.removesuffix(".mp4"), "modality": "video", "path": p.clip}
-            for p in plans
+            {"id": p.clip.removesuffix(".mp4"), "modality": "video", "path": p.clip} for p in plans
         ]
         r = c.post("/ingest", json={"items": items})
         assert r.status_code == 202, r.text
@@ -57,7 +56,9 @@ def test_caption_finds_the_clip_and_the_photo_segment(
                 assert top["modality"] == "video" and top["end"] > top["start"]
                 if top["id"] == plan.clip.removesuffix(".mp4"):
                     right += 1
-                    overlapping += spans_overlap((top["start"], top["end"]), (photo.start, photo.end))
+                    overlapping += spans_overlap(
+                        (top["start"], top["end"]), (photo.start, photo.end)
+                    )
     # Measured with this seed: see docs/RESULTS.md (issue #11) for the 150-clip numbers.
     assert right >= 0.6 * queries, f"right clip for {right}/{queries} captions"
     assert overlapping >= 0.9 * right, f"segment overlaps the photo in {overlapping}/{right} hits"
