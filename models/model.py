@@ -324,7 +324,9 @@ class XModal(nn.Module):
         ``"gpo"``), replacing any it had: where training a video GPO starts."""
         video = self.config.video.model_copy(update={"pooling": "gpo"})
         self.config = self.config.model_copy(update={"video": video})
-        pool = GPOPool(self.config.head)
+        with torch.random.fork_rng(devices=[]):  # the same GRU init in every process
+            torch.manual_seed(self.config.seed)
+            pool = GPOPool(self.config.head)
         init_mean_pooling(pool.gpo)
         self.video_pool = pool.to(self.device, self.dtype)
 

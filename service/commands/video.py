@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int)
+    t.add_argument("--warmup-epochs", type=int, help="epochs summing every violating negative")
+    t.add_argument("--whole-clip-fraction", type=float, help="windows that are whole clips")
     model_args(t)
 
     e = sub.add_parser("eval", help="text->video R@K and segment accuracy, GPO and mean")
@@ -182,8 +184,8 @@ def train(args: argparse.Namespace) -> int:
     model = _load_model(args)
     train_set, _ = clip_set(model, args.train_clips)
     dev_set, _ = clip_set(model, args.dev_clips)
-    fields = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
-    fields["seed"] = args.seed
+    names = ("epochs", "batch_size", "lr", "seed", "warmup_epochs", "whole_clip_fraction")
+    fields = {name: getattr(args, name) for name in names}
     cfg = VideoTrainConfig(
         out_dir=args.out,
         num_threads=args.threads,

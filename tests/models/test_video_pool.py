@@ -86,6 +86,11 @@ def test_video_pooling_is_selectable(model, tmp_path: Path) -> None:  # type: ig
         mean = model.pool_frames(frames, lengths, pooling="mean")
     torch.testing.assert_close(gpo, mean, atol=1e-5, rtol=1e-5)
     assert model.config.video.pooling == "gpo"
+    other = create_model("tiny-random", pretrained=False)
+    torch.manual_seed(123)  # the global RNG does not matter: the fresh GPO is seeded
+    other.new_video_gpo()
+    for key, value in model.video_pool.state_dict().items():
+        assert torch.equal(value, other.video_pool.state_dict()[key]), key
     model.set_video_pooling("mean")
     assert model.video_pool is None and model.config.video.pooling == "mean"
     with pytest.raises(ValueError, match="no trained video GPO"):
