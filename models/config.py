@@ -20,6 +20,7 @@ __all__ = [
     "SimilarityConfig",
     "TextTowerConfig",
     "VideoConfig",
+    "VideoPooling",
 ]
 
 # ImageNet statistics (torchvision / timm convention).
@@ -113,9 +114,14 @@ class SimilarityConfig(_Strict):
     temperature: float = 16.0
 
 
+VideoPooling = Literal["mean", "gpo"]
+
+
 class VideoConfig(_Strict):
-    # How per-frame embeddings are pooled over the valid frames of a clip.
-    pooling: Literal["mean", "gpo"] = "mean"
+    # How per-frame embeddings are pooled over the valid frames of a clip (and of each video
+    # segment): "mean", or "gpo" (a GPO over the time axis, trained on synthetic clips by
+    # `xmodal video train`; its weights are the model's `video_pool.*` tensors).
+    pooling: VideoPooling = "mean"
     # Frames per clip at most; longer frame lists are subsampled uniformly.
     max_frames: int = 32
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import load_checkpoint
-from models.config import ModelConfig
+from models.config import ModelConfig, VideoPooling
 from models.model import XModal
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def create_model(
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
     pretrained: bool = True,
+    video_pooling: VideoPooling | None = None,
 ) -> XModal:
     """Build a model by name, optionally loading a checkpoint.
 
@@ -76,9 +77,15 @@ def create_model(
         device: where to put the model (default CPU).
         pretrained: load backbone weights (package / local checkpoint) and shipped heads;
             False builds random weights (fast, for tests).
+        video_pooling: how frames are pooled, overriding the config's ``video.pooling``:
+            ``"mean"`` always works, ``"gpo"`` needs a model that has a (trained) video GPO;
+            None = the model's own (the shipped default: its trained GPO).
 
     Returns:
         The model in eval mode.
+
+    Raises:
+        ValueError: ``video_pooling="gpo"`` for a model without a video GPO.
     """
     if checkpoint is None:
         config = get_model_config(name or DEFAULT_MODEL)
@@ -99,6 +106,8 @@ def create_model(
                 name,
             )
         logger.info("loaded %s from %s", model.name, checkpoint)
+    if video_pooling is not None:
+        model.set_video_pooling(video_pooling)
     if device is not None:
         model.to(torch.device(device))
     return model.eval()

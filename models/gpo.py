@@ -169,6 +169,19 @@ class GPO(nn.Module):
 
 
 @torch.no_grad()
+def init_mean_pooling(gpo: GPO) -> None:
+    """Warm start at mean pooling, exactly: a zero scorer gives every valid rank the same score,
+    so the softmax weights are ``1/len`` for every length and GPO pools like the masked mean.
+
+    The GRU keeps its initialisation; the scorer's gradient is not zero there (the GRU's
+    hidden states differ by rank), so training moves away from the mean at once where that
+    lowers the loss. This is the mean-pooling analogue of :func:`fit_max_pooling` (no fit is
+    needed: the mean is reachable in closed form).
+    """
+    nn.init.zeros_(gpo.linear.weight)
+
+
+@torch.no_grad()
 def min_rank0_weight(gpo: GPO, max_len: int) -> float:
     """Smallest rank-0 weight GPO gives over the lengths ``1..max_len`` (1 = max pooling)."""
     lengths = torch.arange(1, max_len + 1, device=gpo.div_term.device)

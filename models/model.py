@@ -31,14 +31,14 @@ from models.backbones import (
     build_text_backbone,
     full_lengths,
 )
-from models.config import HeadConfig, ModelConfig
-from models.gpo import GPO, length_mask
+from models.config import HeadConfig, ModelConfig, VideoPooling
+from models.gpo import GPO, init_mean_pooling, length_mask
 from models.set_embedding import SetPredictionModule
 from models.similarity import cosine, smooth_chamfer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKBONE_PREFIXES", "MaskedPool", "Projection", "SetHead", "XModal"]
+__all__ = ["BACKBONE_PREFIXES", "MaskedPool", "Projection", "SetHead", "XModal", "frame_picks"]
 
 
 class EncoderRuntime(Protocol):
@@ -144,6 +144,14 @@ def _build_pool(head: HeadConfig, d_model: int, pos_enc: bool) -> nn.Module:
     return MaskedPool(head.pooling)
 
 
+def frame_picks(n: int, max_frames: int) -> np.ndarray:
+    """Indices of the frames a clip of ``n`` frames keeps: all of them up to ``max_frames``,
+    else ``max_frames`` spread uniformly (first and last included)."""
+    if n <= max_frames:
+        return np.arange(n)
+    return np.linspace(0, n - 1, max_frames).round().astype(np.int64)
+
+
 @contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     was_training = module.training
@@ -205,9 +213,12 @@ class XModal(nn.Module):
             self.text_proj = Projection(config.text.feature_dim, d, head.mlp_residual, d_hidden)
             self.image_pool = _build_pool(head, d, pos_enc=False)
             self.text_pool = _build_pool(head, d, pos_enc=True)  # DivE encodes text positions
-            self.video_pool: GPOPool | None = (
-                GPOPool(head) if config.video.pooling == "gpo" else None
-            )
+            # Video GPO over the time axis; untrained it pools exactly like the mean
+            # (`init_mean_pooling`), so a fresh one is never worse than mean pooling.
+            self.video_pool: GPOPool | None = None
+            if config.video.pooling == "gpo":
+                self.video_pool = GPOPool(head)
+                init_mean_pooling(self.video_pool.gpo)
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -292,12 +303,57 @@ class XModal(nn.Module):
             feats, lengths = backbone(input_ids.to(self.device), attention_mask.to(self.device))
         return self.embed_text_features(feats, lengths, normalize)
 
-    def pool_frames(self, frame_embs: Tensor, lengths: Tensor, normalize: bool = True) -> Tensor:
+    def set_video_pooling(self, pooling: VideoPooling) -> None:
+        """Choose how frames are pooled from now on (``config.video.pooling`` follows).
+
+        ``"mean"`` always works (a trained video GPO is dropped); ``"gpo"`` needs the model
+        to have one already (its config says ``video.pooling: "gpo"``, so its checkpoint
+        carries the trained weights).
+
+        Raises:
+            ValueError: ``"gpo"`` asked of a model without a video GPO.
+        """
+        if pooling == self.config.video.pooling:
+            return
+        if pooling == "gpo":
+            raise ValueError(
+                f"model {self.name!r} has no trained video GPO (its config says video.pooling "
+                "'mean'); train one with `xmodal video train`, or use 'mean'"
+            )
+        video = self.config.video.model_copy(update={"pooling": pooling})
+        self.config = self.config.model_copy(update={"video": video})
+        self.video_pool = None
+
+    def new_video_gpo(self) -> None:
+        """Give the model a fresh video GPO at mean pooling (``video.pooling`` becomes
+        ``"gpo"``), replacing any it had: where training a video GPO starts."""
+        video = self.config.video.model_copy(update={"pooling": "gpo"})
+        self.config = self.config.model_copy(update={"video": video})
+        with torch.random.fork_rng(devices=[]):  # the same GRU init in every process
+            torch.manual_seed(self.config.seed)
+            pool = GPOPool(self.config.head)
+        init_mean_pooling(pool.gpo)
+        self.video_pool = pool.to(self.device, self.dtype)
+
+    def pool_frames(
+        self,
+        frame_embs: Tensor,
+        lengths: Tensor,
+        normalize: bool = True,
+        pooling: VideoPooling | None = None,
+    ) -> Tensor:
         """Per-frame unit embeddings `[B,T,D]` (or `[B,T,K,D]`) -> clip embeddings `[B,D]`
-        (or `[B,K,D]`), pooled over the first `lengths[b]` frames."""
+        (or `[B,K,D]`), pooled over the first `lengths[b]` frames.
+
+        ``pooling`` overrides ``config.video.pooling`` for this call (``"mean"`` on a GPO
+        model compares the two over the same frame embeddings)."""
         b, t = frame_embs.shape[:2]
         lengths = lengths.to(frame_embs.device)
-        if self.video_pool is None:  # masked mean over frames (slot-wise for set models)
+        pooling = pooling or self.config.video.pooling
+        gpo = self.video_pool
+        if pooling == "gpo" and gpo is None:
+            raise ValueError(f"model {self.name!r} has no video GPO: use pooling 'mean'")
+        if pooling == "mean" or gpo is None:  # masked mean over frames (slot-wise for sets)
             mask = length_mask(lengths, t).to(frame_embs.dtype)  # [B, T]
             mask = mask.view(b, t, *([1] * (frame_embs.dim() - 2)))
             denom = (
@@ -307,10 +363,10 @@ class XModal(nn.Module):
         elif self.is_set_model:  # GPO per slot over time
             k = frame_embs.shape[2]
             flat = rearrange(frame_embs, "b t k d -> (b k) t d")
-            pooled = self.video_pool(flat, repeat(lengths, "b -> (b k)", k=k))
+            pooled = gpo(flat, repeat(lengths, "b -> (b k)", k=k))
             pooled = rearrange(pooled, "(b k) d -> b k d", b=b)
         else:
-            pooled = self.video_pool(frame_embs, lengths)
+            pooled = gpo(frame_embs, lengths)
         if normalize or self.is_set_model:
             pooled = F.normalize(pooled, dim=-1)
         return pooled
@@ -399,10 +455,7 @@ class XModal(nn.Module):
         """
         if not frames:
             raise ValueError("embed_video_frames needs at least one frame")
-        max_frames = self.config.video.max_frames
-        if len(frames) > max_frames:
-            picks = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
-            frames = [frames[i] for i in picks]
+        frames = [frames[i] for i in frame_picks(len(frames), self.config.video.max_frames)]
         with _eval_mode(self):
             per_frame = torch.cat(
                 [

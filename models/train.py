@@ -553,8 +553,8 @@ def _fit(cfg: TrainConfig, run: _Run) -> Path:
         metrics = run.evaluate()
         history["dev"].append({"epoch": epoch + 1, "step": step, "seconds": trained_s, **metrics})
         logger.info(
-            "epoch %d: dev rsum %.1f (i2t R@1 %.1f, t2i R@1 %.1f) after %.0f s",
-            epoch + 1, metrics["rsum"], metrics["i2t_r1"], metrics["t2i_r1"], trained_s,
+            "epoch %d: dev rsum %.1f (R@1 %s) after %.0f s", epoch + 1, metrics["rsum"],
+            {k: round(v, 1) for k, v in metrics.items() if k.endswith("_r1")}, trained_s,
         )  # fmt: skip
         if cfg.progress:
             tqdm.write(f"epoch {epoch + 1}: dev {json.dumps(metrics)}  ({trained_s:.0f} s)")

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate retrieval (R@K, RSUM), with and without QB-Norm",
     "querybank": "build or inspect the QB-Norm querybank (querybank build --data DIR)",
     "export": "export a checkpoint to ship (rename, float16)",
+    "video": "synthetic captioned clips; train and measure the video GPO (clips|train|eval)",
     "ingest": "index folders of images/videos/texts into a running service",
     "search": "search a running service with a text, image or video",
     "jobs": "list recent ingest jobs (or one job's items)",

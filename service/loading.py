@@ -28,7 +28,12 @@ def load_serving_model(settings: ModelSettings, *, device: str | None = None) ->
     when given; None = the GPU when present, else the CPU), with the ONNX Runtime engine on
     the CPU when ``settings.runtime == "onnx"`` (eager is the fallback)."""
     target = resolve_device(device if device is not None else settings.device)
-    model = create_model(settings.name, checkpoint=settings.checkpoint, device=target).eval()
+    model = create_model(
+        settings.name,
+        checkpoint=settings.checkpoint,
+        device=target,
+        video_pooling=settings.video_pooling,
+    ).eval()
     if settings.runtime == "onnx" and target.type == "cpu":
         cache = settings.onnx_cache_dir or default_onnx_cache()
         on = enable_onnx(model, cache)

@@ -37,6 +37,12 @@ class ModelSettings(BaseModel):
     # or "eager" (PyTorch). A model on a GPU always runs eager.
     runtime: Literal["onnx", "eager"] = "onnx"
     onnx_cache_dir: Path | None = None  # None = $XDG_CACHE_HOME/xmodal/onnx (~/.cache/...)
+    video_pooling: Literal["mean", "gpo"] | None = Field(
+        None,
+        description="how video frames pool into segment/clip vectors: null = the model's own "
+        "(the shipped default: its trained GPO), `mean`, or `gpo` (needs a model with a video "
+        "GPO); videos already indexed keep their vectors, so re-index them after a change",
+    )
 
 
 class IngestSettings(BaseModel):

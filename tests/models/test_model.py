@@ -109,7 +109,11 @@ def test_gradients_reach_every_head_parameter(pooling: str) -> None:
     head = {k: p for k, p in model.named_parameters() if not k.startswith(("image_b", "text_b"))}
     assert head
     no_grad = [k for k, p in head.items() if p.grad is None or not torch.any(p.grad != 0)]
-    assert no_grad == []
+    # The video GPO starts exactly at mean pooling (a zero scorer), so on this first step
+    # only its scorer learns; its GRU gets gradients once the scorer has moved.
+    assert all(k.startswith("video_pool.gpo.gru.") for k in no_grad), no_grad
+    assert "video_pool.gpo.linear.weight" not in no_grad
+    assert not [k for k in no_grad if not k.startswith("video_pool.")]
     # frozen backbones get nothing
     assert all(not p.requires_grad for p in model.image_backbone.parameters())
 
