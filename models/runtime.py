@@ -37,13 +37,23 @@ FORMAT_VERSION = 1
 OPSET = 17
 
 
+# Parts of a model that the exported graphs (and the embeddings of images and texts) do not
+# depend on: pooling over frame embeddings runs in torch beside the graphs.
+_NOT_ENCODER_STATE = ("video_pool.",)
+
+
 def weights_hash(model: XModal) -> str:
-    """sha256 over the architecture config and every state-dict tensor (name, dtype, shape,
-    bytes): the cache key of the exported graphs."""
+    """sha256 of the image and text encoders: the architecture config (less its ``video``
+    section) and every state-dict tensor (name, dtype, shape, bytes) outside ``video_pool.``.
+    It keys the exported graphs, and querybanks and calibrations record it, so it covers
+    exactly what an image or text embedding depends on: retraining the video pooling keeps it.
+    """
     h = hashlib.sha256()
     h.update(f"xmodal-onnx-v{FORMAT_VERSION}".encode())
-    h.update(model.config.model_dump_json().encode())
+    h.update(model.config.model_dump_json(exclude={"video"}).encode())
     for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(_NOT_ENCODER_STATE):
+            continue
         t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

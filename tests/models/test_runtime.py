@@ -103,3 +103,18 @@ def test_shipped_model_matches_eager_on_real_photos_and_captions(
     assert _max_rel(fast_txt, eager_txt) < REL_TOL
     # and it ranks the same: each photo's nearest caption is unchanged
     assert ((fast_img @ fast_txt.T).argmax(1) == (eager_img @ eager_txt.T).argmax(1)).all()
+
+
+def test_the_weights_hash_covers_the_encoders_not_the_video_pooling() -> None:
+    """Banks and calibrations record it: retraining the video GPO must not orphan them."""
+    model = _tiny()
+    before = weights_hash(model)
+    model.new_video_gpo()  # a video GPO joins the state dict; the config says gpo
+    assert any(k.startswith("video_pool.") for k in model.state_dict())
+    assert weights_hash(model) == before
+    with torch.no_grad():
+        next(iter(model.video_pool.parameters())).add_(0.5)  # type: ignore[union-attr]
+    assert weights_hash(model) == before
+    with torch.no_grad():
+        model.text_proj.fc.bias.add_(0.01)  # an encoder tensor: a new hash
+    assert weights_hash(model) != before
