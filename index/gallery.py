@@ -3,8 +3,8 @@
 A :class:`Gallery` holds :class:`Record` items (``K`` L2-normalised vectors each: one for an
 image, one per segment for a video, ``K`` slots for a set-embedding model) and answers
 item-level inner-product searches. Every vector is indexed under its own int64 id
-(``IndexIDMap2``); a vector id maps back to ``(item id, slot)``, and a search keeps the best
-vector per item (remembering which segment won).
+(``IndexIDMap2``, or an IVF index's own ids); a vector id maps back to ``(item id, slot)``,
+and a search keeps the best vector per item (remembering which segment won).
 
 Durability: ``upsert``/``remove`` append one CRC-framed record to the write-ahead log and
 fsync it before changing memory or returning, so an acknowledged change survives a crash at

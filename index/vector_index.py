@@ -81,6 +81,14 @@ def outgrown(current: str, wanted: str) -> bool:
     return have is not None and want is not None and want >= 2 * have
 
 
+def _own_ids(factory: str) -> bool:
+    """IVF indexes without a refine stage store int64 ids themselves and remove them; under
+    ``IDMap2`` a second ``remove_ids`` aborts the process (faiss 1.15 asserts ``j ==
+    ntotal``: IDMap2 renumbers its sequence numbers, the IVF lists keep the old ones)."""
+    f = factory.upper()
+    return "IVF" in f and "RFLAT" not in f and "REFINE" not in f
+
+
 def _factory_nlist(factory: str) -> int | None:
     m = re.search(r"IVF(\d+)", factory.upper())
     return int(m.group(1)) if m else None
@@ -96,7 +104,7 @@ class VectorIndex:
     def __init__(self, dim: int, factory: str, use_gpu: bool | None = None) -> None:
         self.dim = dim
         self.factory = factory
-        spec = factory if factory.startswith("IDMap") else f"IDMap2,{factory}"
+        spec = factory if factory.startswith("IDMap") or _own_ids(factory) else f"IDMap2,{factory}"
         self.index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
         self.tombstones: set[int] = set()
         self.params: dict[str, int] = {}
