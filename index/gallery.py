@@ -3,8 +3,8 @@
 A :class:`Gallery` holds :class:`Record` items (``K`` L2-normalised vectors each: one for an
 image, one per segment for a video, ``K`` slots for a set-embedding model) and answers
 item-level inner-product searches. Every vector is indexed under its own int64 id
-(``IndexIDMap2``); a vector id maps back to ``(item id, slot)``, and a search keeps the best
-vector per item (remembering which segment won).
+(``IndexIDMap2``, or an IVF index's own ids); a vector id maps back to ``(item id, slot)``,
+and a search keeps the best vector per item (remembering which segment won).
 
 Durability: ``upsert``/``remove`` append one CRC-framed record to the write-ahead log and
 fsync it before changing memory or returning, so an acknowledged change survives a crash at
@@ -24,6 +24,7 @@ reads the gallery (never the other way round).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -43,7 +44,7 @@ from index.snapshot import (
     write_index,
     write_snapshot,
 )
-from index.vector_index import VectorIndex, auto_factory, exact_topk, gpu_available
+from index.vector_index import VectorIndex, auto_factory, exact_topk, gpu_available, outgrown
 
 __all__ = [  # the data and index types stay importable from here, as before the split
     "Candidates",
@@ -117,10 +118,10 @@ class Gallery:
         self._item_idx: dict[str, int] = {}  # item id -> dense item index (new on replace)
         self._idx_id: list[str | None] = []  # item index -> item id (None once removed)
         self._n_live = 0  # live vectors
-        # set models: slot vectors by dense item index, contiguous [capacity, K, D], filled up
-        # to ``_sets_filled`` (dense indexes are append-only, so rows never move)
+        # set models: slot vectors by dense item index, contiguous [capacity, K, D], written
+        # as each item registers and zeroed when it goes (dense indexes are append-only, so
+        # rows never move); the Smooth-Chamfer re-rank gathers its shortlist from here
         self._sets = np.zeros((0, num_vectors, dim), dtype=np.float32)
-        self._sets_filled = 0
         self._next_vid = 0
         self._version = 0
         self.applied_offset: str | None = None
@@ -313,6 +314,13 @@ class Gallery:
         self._vid_item[vids] = idx
         self._vid_slot[vids] = np.arange(len(vids), dtype=np.int32)
         self._n_live += len(vids)
+        if self.num_vectors > 1:
+            if idx >= len(self._sets):  # grow x2: amortised O(1) per item
+                shape = (max(1024, 2 * len(self._sets)), *self._sets.shape[1:])
+                grown = np.zeros(shape, dtype=np.float32)
+                grown[: len(self._sets)] = self._sets
+                self._sets = grown
+            self._sets[idx] = r.vectors  # [K,D]: upsert checked K == num_vectors
 
     def item_index(self, item_id: str) -> int | None:
         """Dense index of a live item (stable until the item is replaced or removed)."""
@@ -324,29 +332,9 @@ class Gallery:
 
     def set_vectors(self, idx: np.ndarray) -> np.ndarray:
         """Slot vectors ``[len(idx), K, D]`` of the items at dense indexes ``idx``: one
-        contiguous gather from a cache kept in step with the gallery (each item is copied
-        in once, on the first search after it arrives). Rows of items removed before that
-        are zeros; check :meth:`item_id` for liveness."""
+        gather from a contiguous cache kept in step with every add, replace and remove.
+        Rows of removed items are zeros; check :meth:`item_id` for liveness."""
         with self._lock:
-            n = len(self._idx_id)
-            if n > len(self._sets):
-                shape = (max(n, 2 * len(self._sets)), self.num_vectors, self.dim)
-                grown = np.zeros(shape, dtype=np.float32)
-                grown[: self._sets_filled] = self._sets[: self._sets_filled]
-                self._sets = grown
-            for i in range(self._sets_filled, n):
-                item_id = self._idx_id[i]
-                if item_id is None:
-                    continue
-                v = self._items[item_id].vectors
-                if v.shape != self._sets.shape[1:]:
-                    self._sets_filled = i
-                    raise ValueError(
-                        f"item {item_id!r}: set search needs {self.num_vectors} vectors per "
-                        f"item, got {v.shape[0]}"
-                    )
-                self._sets[i] = v
-            self._sets_filled = n
             return self._sets[np.asarray(idx, dtype=np.int64)]
 
     @property
@@ -360,7 +348,10 @@ class Gallery:
             self._items.pop(item_id)
             vids = self._vids.pop(item_id)
             self._vid_item[vids] = -1
-            self._idx_id[self._item_idx.pop(item_id)] = None
+            idx = self._item_idx.pop(item_id)
+            self._idx_id[idx] = None
+            if self.num_vectors > 1:
+                self._sets[idx] = 0.0
             self._n_live -= len(vids)
             dead.extend(vids.tolist())
         self._index.remove(dead)
@@ -370,7 +361,7 @@ class Gallery:
     def _new_index(self, n_vectors: int) -> VectorIndex:
         factory = self.config.factory
         if factory == "auto":
-            factory = auto_factory(n_vectors, self.dim, self.config)
+            factory = auto_factory(n_vectors, self.dim, self.config, self.num_vectors)
         return VectorIndex(self.dim, factory, self.config.use_gpu)
 
     def _live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -380,12 +371,10 @@ class Gallery:
         return np.concatenate(vids), np.concatenate([r.vectors for r in self._items.values()])
 
     def _maybe_rebuild(self) -> None:
-        n = self._n_live
-        kind, cfg = self._index.kind, self.config
-        # "auto" only grows to a bigger index type on its own; rebuild() re-chooses freely.
-        grow = cfg.factory == "auto" and (
-            (kind == "flat" and n >= cfg.auto_threshold)
-            or (kind == "hnsw" and n >= cfg.ivfpq_threshold)
+        n, cfg = self._n_live, self.config
+        # "auto" only grows to a bigger index on its own; rebuild() re-chooses freely.
+        grow = cfg.factory == "auto" and outgrown(
+            self._index.factory, auto_factory(n, self.dim, cfg, self.num_vectors)
         )
         if grow or len(self._index.tombstones) > max(1000, n // 4):
             self.rebuild()
@@ -404,7 +393,16 @@ class Gallery:
                     ]
                     index.train(sample)
                 index.add(vids, vectors)
-                index.tune(vids, vectors, self.config)
+                if self.num_vectors > 1:  # the shortlist needs the 10 best items' slots
+                    index.tune(
+                        vids,
+                        vectors,
+                        self.config,
+                        depth=10 * self.num_vectors,
+                        min_recall=self.config.set_min_recall,
+                    )
+                else:
+                    index.tune(vids, vectors, self.config)
             self._index = index
             logger.info(
                 "gallery %s: rebuilt %s over %d vectors in %.1fs",
@@ -455,40 +453,57 @@ class Gallery:
         return hits
 
     def search_candidates(
-        self, q: np.ndarray, n: int, filter: dict[str, Any] | None = None
+        self, q: np.ndarray, n: int, filter: dict[str, Any] | None = None, group: int = 1
     ) -> list[Candidates]:
         """Like :meth:`search_vectors` but as arrays of dense item indexes (no Python objects
-        per candidate): the fast path for large shortlists (QB-Norm, re-ranking)."""
+        per candidate): the fast path for large shortlists (QB-Norm, re-ranking).
+
+        ``group``: consecutive runs of ``group`` rows of ``q`` are one query (a set query's
+        slots) whose item score is the best over its rows and the item's vectors
+        (max-of-max); one :class:`Candidates` per group. Each row is searched
+        ``n * vectors-per-item * slack / group`` deep, deeper (x4) until the top ``n`` is
+        certain: ``n`` items found and the ``n``-th scores at least every row's deepest
+        neighbour, so no unseen item can beat it (for ``group=1`` the first already implies
+        the second). Ties go to the lower dense item index (the item added first).
+        """
         with self._lock:
+            if len(q) % group:
+                raise ValueError(f"{len(q)} query rows do not split into groups of {group}")
+            n_groups = len(q) // group
             empty = Candidates(
                 np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int32)
             )
-            if n <= 0 or self._n_live == 0 or len(q) == 0:
-                return [empty for _ in range(len(q))]
+            if n <= 0 or self._n_live == 0 or n_groups == 0:
+                return [empty for _ in range(n_groups)]
             ntotal = self._index.ntotal
             per_item = self._n_live / max(1, len(self._items))
-            # single-vector items need no room for duplicates; segmented items do
+            # single-vector items need no room for duplicates; segmented or set items do
             slack = 4.0 if filter else 1.0 if per_item == 1 else 1.5
-            fetch = int(n * per_item * slack) + len(self._index.tombstones)
-            results: list[Candidates | None] = [None] * len(q)
-            pending = np.arange(len(q))
+            fetch = math.ceil(n * per_item * slack / group) + len(self._index.tombstones)
+            results: list[Candidates | None] = [None] * n_groups
+            pending = np.arange(n_groups)
             while len(pending):
                 fetch = min(fetch, ntotal)
+                rows = (pending[:, None] * group + np.arange(group)).ravel()
                 if filter is not None and fetch * 4 > ntotal:
                     # Few items match: exact scan over the matching items is cheaper and exact.
-                    for row, c in zip(
-                        pending, self._exact_filtered(q[pending], n, filter), strict=True
-                    ):
-                        results[row] = c
+                    found = self._exact_filtered(q[rows], n, filter, group)
+                    for g, c in zip(pending, found, strict=True):
+                        results[g] = c
                     break
-                scores, vids = self._index.search(q[pending], fetch)
+                scores, vids = self._index.search(q[rows], fetch)
                 still = []
-                for j, row in enumerate(pending):
-                    c = self._collect(scores[j], vids[j], n, filter)
-                    if len(c.idx) >= n or fetch >= ntotal or len(c.idx) >= len(self._items):
-                        results[row] = c
+                for j, g in enumerate(pending):
+                    part = slice(j * group, (j + 1) * group)
+                    c = self._collect(scores[part], vids[part], n, filter)
+                    # a row that came back short has nothing deeper to offer: no bound
+                    full = vids[part, -1] >= 0
+                    bound = float(scores[part, -1][full].max()) if full.any() else -np.inf
+                    done = len(c.idx) >= n and float(c.scores[n - 1]) >= bound
+                    if done or fetch >= ntotal or len(c.idx) >= len(self._items):
+                        results[g] = c
                     else:
-                        still.append(row)
+                        still.append(g)
                 pending = np.array(still, dtype=np.int64)
                 fetch *= 4
             return [r if r is not None else empty for r in results]
@@ -496,12 +511,19 @@ class Gallery:
     def _collect(
         self, scores: np.ndarray, vids: np.ndarray, n: int, flt: dict[str, Any] | None
     ) -> Candidates:
+        """Top-``n`` items over one query's result rows ``[G, fetch]``: each item's best
+        vector, best first, ties to the lower item index."""
+        scores, vids = scores.ravel(), vids.ravel()
         ok = vids >= 0  # -1 pads short results
         vids, scores = vids[ok], scores[ok]
         items = self._vid_item[vids]
         live = items >= 0  # removed vectors (tombstones) map to -1
         items, scores, vids = items[live], scores[live], vids[live]
-        _, first = np.unique(items, return_index=True)  # best vector per item (rows sorted)
+        order = np.argsort(-scores, kind="stable")
+        if len(order) > 1 and np.any(np.diff(scores[order]) == 0):
+            order = np.lexsort((items, -scores))  # equal scores: the lower item index first
+        items, scores, vids = items[order], scores[order], vids[order]
+        _, first = np.unique(items, return_index=True)  # best vector per item
         first.sort()
         if flt is not None:
             keep = []
@@ -515,18 +537,22 @@ class Gallery:
         first = first[:n]
         return Candidates(items[first], scores[first], self._vid_slot[vids[first]])
 
-    def _exact_filtered(self, q: np.ndarray, n: int, flt: dict[str, Any]) -> list[Candidates]:
+    def _exact_filtered(
+        self, q: np.ndarray, n: int, flt: dict[str, Any], group: int = 1
+    ) -> list[Candidates]:
+        n_groups = len(q) // group
         recs = [r for r in self._items.values() if _matches(r.metadata, flt)]
         if not recs:
             e = Candidates(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int32))
-            return [e for _ in range(len(q))]
+            return [e for _ in range(n_groups)]
         counts = np.array([len(r.vectors) for r in recs])
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
         idx = np.array([self._item_idx[r.id] for r in recs], dtype=np.int64)
         s = q @ np.concatenate([r.vectors for r in recs]).T  # [Q, n_vec]
-        best = np.maximum.reduceat(s, offsets, axis=1)  # [Q, n_items]
+        s = s.reshape(n_groups, group, -1).max(axis=1)  # [groups, n_vec]: best row per vector
+        best = np.maximum.reduceat(s, offsets, axis=1)  # [groups, n_items]
         out = []
-        for row in range(len(q)):
+        for row in range(n_groups):
             order = np.argsort(-best[row], kind="stable")[:n]
             slots = [int(np.argmax(s[row, offsets[i] : offsets[i] + counts[i]])) for i in order]
             out.append(Candidates(idx[order], best[row, order], np.array(slots, dtype=np.int32)))

@@ -36,7 +36,7 @@ class SetGallery(Protocol):
     num_vectors: int
 
     def search_candidates(
-        self, q: np.ndarray, n: int, filter: dict[str, Any] | None = None
+        self, q: np.ndarray, n: int, filter: dict[str, Any] | None = None, group: int = 1
     ) -> list[Candidates]: ...
 
     def set_vectors(self, idx: np.ndarray) -> np.ndarray: ...
@@ -104,19 +104,14 @@ def search_multivector(
         raise ValueError(f"set queries must be [Q,K,{gallery.dim}], got {list(q.shape)}")
     n_q, k1, _ = q.shape
     n = max(k, shortlist or DEFAULT_SHORTLIST)
-    per_slot = gallery.search_candidates(q.reshape(n_q * k1, -1), n, filter)
+    # one max-of-max shortlist per query set: its k1 slot rows searched as one group
+    shortlists = gallery.search_candidates(q.reshape(n_q * k1, -1), n, filter, group=k1)
     out: list[list[Hit]] = []
-    for row in range(n_q):
-        cands = per_slot[row * k1 : (row + 1) * k1]
-        idx = np.concatenate([c.idx for c in cands])
-        if not len(idx):
+    for row, cands in enumerate(shortlists):
+        short = cands.idx
+        if not len(short):
             out.append([])
             continue
-        scores = np.concatenate([c.scores for c in cands])
-        order = np.lexsort((idx, -scores))  # best first, ties to the lower index
-        idx = idx[order]
-        _, first = np.unique(idx, return_index=True)  # each item's best (first) slot pair
-        short = idx[np.sort(first)[:n]]
         sc = set_similarity(q[row][None], gallery.set_vectors(short), temperature)[0]
         hits = []
         for i in np.lexsort((short, -sc)).tolist():

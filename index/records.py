@@ -24,13 +24,26 @@ class GalleryConfig(BaseModel):
     factory: str = Field(
         default="auto",
         description='FAISS factory string ("Flat", "HNSW32", "IVF4096,PQ64,RFlat", ...) or '
-        '"auto": exact below auto_threshold vectors, HNSW32 below ivfpq_threshold, else IVF-PQ',
+        '"auto": exact below auto_threshold vectors, HNSW32 below ivfpq_threshold, else IVF-PQ '
+        "(set galleries: exact below set_auto_threshold, IVF with fp16 lists below "
+        "ivfpq_threshold)",
     )
     auto_threshold: int = Field(
         default=50_000, description="auto: exact search below this many vectors"
     )
     ivfpq_threshold: int = Field(
         default=1_000_000, description="auto: IVF-PQ at or above this many"
+    )
+    set_auto_threshold: int = Field(
+        default=20_000,
+        description="auto, set galleries (K slot vectors per item): exact slot index below "
+        "this many slot vectors, IVF with fp16 lists at or above (a set query reads hundreds "
+        "of slot neighbours per slot, which IVF serves far cheaper than HNSW)",
+    )
+    set_min_recall: float = Field(
+        default=0.975,
+        description="set galleries: slot recall@(10*K) vs exact kept at (re)build, i.e. the "
+        "slots of the 10 best items (tracks set recall@10 vs brute-force Smooth-Chamfer)",
     )
     ef_search: int = Field(
         default=64, description="HNSW efSearch start value (raised to min_recall)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,6 +21,12 @@ from index.records import GalleryConfig
 logger = logging.getLogger(__name__)
 
 RECALL_MARGIN = 0.02  # tune above min_recall: the sample estimate is noisy
+IVF_DEPTH_COVER = 2.0  # a deep IVF search probes lists holding this many times n vectors
+MIN_TRAIN_PER_LIST = 16  # training vectors per IVF list at least (faiss warns under 39)
+LISTS_PER_ROOT = 4  # IVF lists per sqrt(n) (faiss's guideline: 4 to 16)
+SET_LISTS_PER_ROOT = 8  # set galleries: searches hundreds deep over many probes favour
+# smaller lists (10k items x 4 slots: IVF2048/nprobe 128 beat IVF1024/128 2x at equal recall)
+FAISS_DEFAULTS = {"efSearch": 16, "nprobe": 1}  # the knobs' values in a fresh faiss index
 
 
 def gpu_available() -> bool:
@@ -27,15 +34,64 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def auto_factory(n_vectors: int, dim: int, config: GalleryConfig) -> str:
-    """The factory string ``"auto"`` resolves to for a gallery of ``n_vectors``."""
+def auto_nlist(n_vectors: int, per_root: int = LISTS_PER_ROOT) -> int:
+    """IVF list count for ``n_vectors``: the power of two nearest ``per_root * sqrt(n)``,
+    halved until every list has ``MIN_TRAIN_PER_LIST`` training vectors."""
+    nlist = int(2 ** round(math.log2(per_root * math.sqrt(max(1, n_vectors)))))
+    while nlist > 1 and n_vectors < MIN_TRAIN_PER_LIST * nlist:
+        nlist //= 2
+    return nlist
+
+
+def auto_factory(n_vectors: int, dim: int, config: GalleryConfig, num_vectors: int = 1) -> str:
+    """The factory string ``"auto"`` resolves to for a gallery of ``n_vectors``.
+
+    Set galleries (``num_vectors`` = K slot vectors per item) search every query slot
+    hundreds of neighbours deep (the shortlist), which HNSW answers slowly; between
+    ``set_auto_threshold`` and ``ivfpq_threshold`` they get an IVF index with fp16 lists
+    (half the bytes scanned; the exact Smooth-Chamfer re-rank reads float32 slots).
+    """
+    if num_vectors > 1 and n_vectors < config.ivfpq_threshold:
+        if n_vectors < config.set_auto_threshold:
+            return "Flat"
+        return f"IVF{auto_nlist(n_vectors, SET_LISTS_PER_ROOT)},SQfp16"
     if n_vectors < config.auto_threshold:
         return "Flat"
     if n_vectors < config.ivfpq_threshold:
         return "HNSW32"
-    nlist = int(2 ** round(math.log2(4 * math.sqrt(n_vectors))))
     m = max(d for d in (64, 48, 32, 16, 8) if dim % d == 0) if dim % 8 == 0 else 8
-    return f"IVF{nlist},PQ{m},RFlat"
+    return f"IVF{auto_nlist(n_vectors)},PQ{m},RFlat"
+
+
+def _size_rank(factory: str) -> int:
+    """0 exact, 1 graph or uncompressed IVF, 2 IVF-PQ: the order "auto" grows in."""
+    f = factory.upper()
+    if "IVF" in f and re.search(r"\bPQ\d", f):
+        return 2
+    return 1 if "HNSW" in f or "IVF" in f else 0
+
+
+def outgrown(current: str, wanted: str) -> bool:
+    """Whether an "auto" gallery built as ``current`` should be rebuilt as ``wanted`` (what
+    :func:`auto_factory` gives for its size now): a bigger index kind, or an IVF whose list
+    count should at least double (lists grown 4x longer than at build)."""
+    if _size_rank(wanted) != _size_rank(current):
+        return _size_rank(wanted) > _size_rank(current)
+    have, want = _factory_nlist(current), _factory_nlist(wanted)
+    return have is not None and want is not None and want >= 2 * have
+
+
+def _own_ids(factory: str) -> bool:
+    """IVF indexes without a refine stage store int64 ids themselves and remove them; under
+    ``IDMap2`` a second ``remove_ids`` aborts the process (faiss 1.15 asserts ``j ==
+    ntotal``: IDMap2 renumbers its sequence numbers, the IVF lists keep the old ones)."""
+    f = factory.upper()
+    return "IVF" in f and "RFLAT" not in f and "REFINE" not in f
+
+
+def _factory_nlist(factory: str) -> int | None:
+    m = re.search(r"IVF(\d+)", factory.upper())
+    return int(m.group(1)) if m else None
 
 
 class VectorIndex:
@@ -48,7 +104,7 @@ class VectorIndex:
     def __init__(self, dim: int, factory: str, use_gpu: bool | None = None) -> None:
         self.dim = dim
         self.factory = factory
-        spec = factory if factory.startswith("IDMap") else f"IDMap2,{factory}"
+        spec = factory if factory.startswith("IDMap") or _own_ids(factory) else f"IDMap2,{factory}"
         self.index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
         self.tombstones: set[int] = set()
         self.params: dict[str, int] = {}
@@ -57,6 +113,7 @@ class VectorIndex:
         if self._gpu and not gpu_available():
             raise RuntimeError("use_gpu=True but faiss has no GPU support or sees no GPU")
         self._gpu_res: Any = None
+        self._nlist: int | None = None  # IVF list count, read once
 
     @property
     def kind(self) -> str:
@@ -72,10 +129,12 @@ class VectorIndex:
         return bool(self.index.is_trained)
 
     def train(self, x: np.ndarray) -> None:
-        try:  # polysemous training costs minutes and only helps Hamming filtering, unused here
+        try:
             ivf = faiss.downcast_index(faiss.extract_index_ivf(self.index))
+            # polysemous training costs minutes and only helps Hamming filtering, unused here
             if hasattr(ivf, "do_polysemous_training"):
                 ivf.do_polysemous_training = False
+            ivf.cp.min_points_per_centroid = MIN_TRAIN_PER_LIST  # type: ignore[attr-defined]
         except RuntimeError:
             pass
         self.index.train(np.ascontiguousarray(x, dtype=np.float32))
@@ -124,16 +183,31 @@ class VectorIndex:
 
     def search(self, x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         n = max(1, min(n, self.ntotal))
-        if self.kind == "hnsw":
-            # efSearch below n makes HNSW return fewer than n results.
-            ef = max(self.params.get("efSearch", 16), n)
-            faiss.ParameterSpace().set_index_parameter(self.index, "efSearch", ef)
+        knob, floor = self._depth_floor(n)
+        if floor is not None:
+            faiss.ParameterSpace().set_index_parameter(self.index, knob, floor)
         scores, ids = self.index.search(np.ascontiguousarray(x, dtype=np.float32), n)
-        if self.kind == "hnsw" and "efSearch" in self.params:
+        if floor is not None:
             faiss.ParameterSpace().set_index_parameter(
-                self.index, "efSearch", self.params["efSearch"]
+                self.index, knob, self.params.get(knob, FAISS_DEFAULTS[knob])
             )
         return scores, ids
+
+    def _depth_floor(self, n: int) -> tuple[str, int | None]:
+        """The query-time knob to raise for a search ``n`` results deep, and its value (None:
+        keep the tuned one). efSearch below ``n`` makes HNSW return fewer than ``n`` results;
+        IVF lists probed that hold fewer than ``IVF_DEPTH_COVER * n`` vectors do too, or
+        return a poor tail."""
+        if self.kind == "hnsw":
+            return "efSearch", max(self.params.get("efSearch", FAISS_DEFAULTS["efSearch"]), n)
+        if self.kind == "ivf":
+            if self._nlist is None:
+                self._nlist = _ivf_nlist(self.index)
+            per_list = max(1.0, self.ntotal / self._nlist)
+            need = min(self._nlist, math.ceil(IVF_DEPTH_COVER * n / per_list))
+            if need > self.params.get("nprobe", FAISS_DEFAULTS["nprobe"]):
+                return "nprobe", need
+        return "", None
 
     def serialize(self) -> np.ndarray:
         index = self.index
@@ -154,6 +228,7 @@ class VectorIndex:
         self._can_remove = True
         self._gpu = bool(gpu_available() if use_gpu is None else use_gpu)
         self._gpu_res = None
+        self._nlist = None
         self._maybe_to_gpu()
         return self
 
@@ -163,11 +238,15 @@ class VectorIndex:
         vectors: np.ndarray,
         config: GalleryConfig,
         seed: int = 0,
+        depth: int = 10,
+        min_recall: float | None = None,
     ) -> float:
-        """Raise efSearch / nprobe (and k_factor) until recall@10 vs exact ≥ min_recall.
+        """Raise efSearch / nprobe (and k_factor) until recall@depth vs exact ≥ min_recall.
 
         ``vectors [N,D]`` are the live vectors under ``vids``; queries are a sample of them
-        with small noise (exact duplicates would make recall trivially 1). Returns the recall.
+        with small noise (exact duplicates would make recall trivially 1). ``depth`` is 10
+        for single vectors and ``10 K`` for set galleries (the slots of the 10 best items);
+        ``min_recall`` defaults to ``config.min_recall``. Returns the recall.
         """
         if self.kind == "flat" or len(vids) == 0:
             return 1.0
@@ -177,14 +256,15 @@ class VectorIndex:
         # cross-modal queries sit far from gallery points (cosine ~0.3-0.7): noise of norm ~1
         q = q + rng.normal(scale=1.0 / math.sqrt(self.dim), size=q.shape).astype(np.float32)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
-        k = min(10, len(vids))
+        k = min(depth, len(vids))
         truth = exact_topk(q, vectors, k)[1]
         truth_ids = vids[truth]
         knob, start = (
             ("efSearch", config.ef_search) if self.kind == "hnsw" else ("nprobe", config.nprobe)
         )
         value, recall = start, 0.0
-        target = min(1.0, config.min_recall + RECALL_MARGIN)
+        floor = config.min_recall if min_recall is None else min_recall
+        target = min(1.0, floor + RECALL_MARGIN)
         limit = 4096 if knob == "efSearch" else max(start, _ivf_nlist(self.index))
         refine = "RFLAT" in self.factory.upper() or "REFINE" in self.factory.upper()
         k_factor = 4
@@ -209,9 +289,9 @@ class VectorIndex:
                 k_factor *= 2
             else:
                 break
-        logger.info("tuned %s: %s=%d recall@10=%.3f", self.factory, knob, value, recall)
-        if recall < config.min_recall:
-            logger.warning("index %s reaches only recall@10=%.3f", self.factory, recall)
+        logger.info("tuned %s: %s=%d recall@%d=%.3f", self.factory, knob, value, k, recall)
+        if recall < floor:
+            logger.warning("index %s reaches only recall@%d=%.3f", self.factory, k, recall)
         return recall
 
 
