@@ -210,6 +210,11 @@ class XModal(nn.Module):
         """PIL images -> normalised pixels `[B,3,H,W]` (CPU float32)."""
         return self.image_backbone.preprocess(images)
 
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """One PIL image -> RGB at the image tower's input size (what `preprocess` resizes to;
+        a fitted image passes `preprocess` unchanged, so this can run ahead of encoding)."""
+        return self.image_backbone.fit(image)
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Texts -> `{"input_ids": [B,L], "attention_mask": [B,L]}` (CPU long)."""
         return self.text_backbone.tokenize(texts)
