@@ -72,7 +72,7 @@ def start(worker: Worker) -> threading.Thread:
     return thread
 
 
-def test_next_batch_decodes_while_one_encodes(backend: Any, tmp_path: Path, model: Any) -> None:
+def test_next_batch_decodes_while_one_encodes(backend: Any, tmp_path: Path, model: Any) -> None:  # noqa: F811
     queue, jobs, sink, galleries, applier = backend
     seen: dict[str, Any] = {}
 
@@ -122,7 +122,7 @@ def test_next_batch_decodes_while_one_encodes(backend: Any, tmp_path: Path, mode
     assert found is not None and Image.open(io.BytesIO(found[1])).size == (30, 80)
 
 
-def test_stop_finishes_the_prefetched_batch(backend: Any, tmp_path: Path, model: Any) -> None:
+def test_stop_finishes_the_prefetched_batch(backend: Any, tmp_path: Path, model: Any) -> None:  # noqa: F811
     queue, jobs, sink, galleries, applier = backend
     inside, release = threading.Event(), threading.Event()
 
