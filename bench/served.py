@@ -41,13 +41,20 @@ class Server:
     """``xmodal serve`` on embedded defaults over ``data_dir``, on a free port, in a
     subprocess (its log in ``data_dir/serve.log``). Use as a context manager."""
 
-    def __init__(self, data_dir: Path, threads: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        threads: int,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+    ) -> None:
         self.data_dir = Path(data_dir)
+        self.cwd = Path(cwd)  # the checkout whose code serves
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, XMODAL_DATA_DIR=str(data_dir), **(env or {}))
         self.env["OMP_NUM_THREADS"] = str(threads)  # torch's (and so ONNX Runtime's) threads
-        self.env.setdefault("PYTHONPATH", str(REPO))
+        self.env.setdefault("PYTHONPATH", str(self.cwd))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Server:
@@ -56,7 +63,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
             + ["--port", str(self.port)],
-            cwd=REPO,
+            cwd=self.cwd,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -22,6 +22,14 @@ logger = logging.getLogger(__name__)
 RECALL_MARGIN = 0.02  # tune above min_recall: the sample estimate is noisy
 
 
+def set_search_threads(n: int) -> None:
+    """OpenMP threads FAISS uses for work started on the *calling* thread (the OpenMP runtime
+    keeps the setting per thread: call it in each thread, e.g. as a pool's initializer);
+    0 leaves FAISS's default (one per core)."""
+    if n > 0:
+        faiss.omp_set_num_threads(n)
+
+
 def gpu_available() -> bool:
     """True when this faiss build has GPU support and sees at least one GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
