@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from served import FLICKR, VIDEOS, Server, dev_rows  # noqa: E402
+from served import FLICKR, REPO, VIDEOS, Server, dev_rows  # noqa: E402
 
 from service import media  # noqa: E402
 from service.loading import load_serving_model  # noqa: E402
@@ -95,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", type=Path, default=FLICKR)
     p.add_argument("--videos", type=Path, default=VIDEOS)
+    p.add_argument(
+        "--serve-from",
+        type=Path,
+        default=REPO,
+        help="checkout whose `xmodal serve` runs (e.g. an older commit, for a before/after)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -115,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     video_s: list[float] = []
     bare_video_s: list[float] = []
     frames = 0
-    with tempfile.TemporaryDirectory() as tmp, Server(Path(tmp) / "data", args.threads) as server:
+    env = {"PYTHONPATH": str(args.serve_from)}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Server(Path(tmp) / "data", args.threads, env=env, cwd=args.serve_from) as server,
+    ):
         ingest(server.url, items_of("image", warm, "warm"), args.post_batch)  # first batch
         bare_images(model, warm, batch, settings)
         for r in range(args.rounds):
