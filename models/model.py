@@ -142,6 +142,9 @@ def _build_pool(head: HeadConfig, d_model: int, pos_enc: bool) -> nn.Module:
 @contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     was_training = module.training
+    if not was_training:  # serving (`.eval()` once): toggling walks every submodule twice per
+        yield  # call, which cost more than the ONNX text encode itself
+        return
     module.eval()
     try:
         yield
