@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -130,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--serve-from",
         type=Path,
-        default=REPO,
-        help="checkout whose `xmodal serve` runs (e.g. an older commit, for a before/after)",
+        action="append",
+        help="checkout whose `xmodal serve` runs (default: this one); give it twice (e.g. an "
+        "older commit's export, then this one) for a before/after on one gallery in one run: "
+        "one JSON line each",
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -142,45 +145,51 @@ def main(argv: list[str] | None = None) -> int:
     set_search_threads(GalleryConfig().search_threads)  # as on the service's pool threads
     model = load_serving_model(ModelSettings(device="cpu"))
     queries = captions(args.data, args.queries)
+    checkouts: list[Path] = args.serve_from or [REPO]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        gallery = build_gallery(root, model.name, model.embed_dim, args.gallery)
+        gallery = build_gallery(root / "built", model.name, model.embed_dim, args.gallery)
         build_s = time.perf_counter() - t0
-        env = {"PYTHONPATH": str(args.serve_from)}
-        with Server(root, args.threads, env=env, cwd=args.serve_from) as server:
-            http_latencies(server.url, queries[:20], args.top_k)  # warm up both sides
-            bare_latencies(model, gallery, queries[:20], args.top_k)
-            service: list[float] = []
-            bare: list[float] = []
-            for _ in range(args.rounds):
-                service += http_latencies(server.url, queries, args.top_k)
-                bare += bare_latencies(model, gallery, queries, args.top_k)
-            many = (queries * (1 + args.qps_queries // len(queries)))[: args.qps_queries]
-            rates = {c: qps(server.url, many, c, args.top_k) for c in (1, 8, 32)}
+        for i, checkout in enumerate(checkouts):
+            data_dir = root / f"serve-{i}"  # a fresh copy of the built gallery per server
+            shutil.copytree(root / "built" / "index", data_dir / "index")
+            env = {"PYTHONPATH": str(checkout)}
+            with Server(data_dir, args.threads, env=env, cwd=checkout) as server:
+                http_latencies(server.url, queries[:20], args.top_k)  # warm up both sides
+                bare_latencies(model, gallery, queries[:20], args.top_k)
+                service: list[float] = []
+                bare: list[float] = []
+                for _ in range(args.rounds):
+                    service += http_latencies(server.url, queries, args.top_k)
+                    bare += bare_latencies(model, gallery, queries, args.top_k)
+                many = (queries * (1 + args.qps_queries // len(queries)))[: args.qps_queries]
+                rates = {c: qps(server.url, many, c, args.top_k) for c in (1, 8, 32)}
+            out = {
+                "gallery": args.gallery,
+                "index": gallery.factory,
+                "model": model.name,
+                "engine": "onnx" if model.runtime is not None else "eager",
+                "threads": args.threads,
+                "queries": len(service),
+                "service_p50_ms": round(pct(service, 50), 2),
+                "service_p99_ms": round(pct(service, 99), 2),
+                "bare_p50_ms": round(pct(bare, 50), 2),
+                "bare_p99_ms": round(pct(bare, 99), 2),
+                "overhead": round(pct(service, 50) / pct(bare, 50) - 1, 3),
+                "qps_c1": round(rates[1], 1),
+                "qps_c8": round(rates[8], 1),
+                "qps_c32": round(rates[32], 1),
+                "gallery_build_s": round(build_s, 1),
+            }
+            if args.serve_from:
+                out["serve_from"] = str(checkout)
+            if args.json:
+                print(json.dumps(out), flush=True)
+            else:
+                for k, v in out.items():
+                    print(f"{k:>16s}  {v}")
         gallery.close()
-    out = {
-        "gallery": args.gallery,
-        "index": gallery.factory,
-        "model": model.name,
-        "engine": "onnx" if model.runtime is not None else "eager",
-        "threads": args.threads,
-        "queries": len(service),
-        "service_p50_ms": round(pct(service, 50), 2),
-        "service_p99_ms": round(pct(service, 99), 2),
-        "bare_p50_ms": round(pct(bare, 50), 2),
-        "bare_p99_ms": round(pct(bare, 99), 2),
-        "overhead": round(pct(service, 50) / pct(bare, 50) - 1, 3),
-        "qps_c1": round(rates[1], 1),
-        "qps_c8": round(rates[8], 1),
-        "qps_c32": round(rates[32], 1),
-        "gallery_build_s": round(build_s, 1),
-    }
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:>16s}  {v}")
     return 0
 
 
