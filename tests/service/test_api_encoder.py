@@ -198,3 +198,21 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
     assert "text" in body["application/json"]["schema"]["properties"]
     assert spec["paths"]["/ingest"]["post"]["responses"]["413"]["content"]
     assert "ErrorResponse" in spec["components"]["schemas"]
+
+
+def test_the_pool_searches_on_one_openmp_thread(tmp_path: Path) -> None:
+    """index.search_threads applies on every pool thread (the OpenMP setting is per thread:
+    the thread that set it is the only one that gets it)."""
+    import faiss
+
+    from index.vector_index import set_search_threads
+
+    app = create_app(make_settings(tmp_path, model={"threads": 3}))
+    pool = app.state.xmodal.executor
+    seen = {pool.submit(lambda: (threading.get_ident(), faiss.omp_get_max_threads())).result()}
+    assert {n for _, n in seen} == {1}
+    with ThreadPoolExecutor(1) as other:  # a thread that did not set it keeps the default
+        default = other.submit(faiss.omp_get_max_threads).result()
+        set_search_threads(0)  # 0 leaves it alone
+        assert other.submit(faiss.omp_get_max_threads).result() == default
+    pool.shutdown()
