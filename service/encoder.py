@@ -5,9 +5,10 @@ queries that queued while the previous call ran (plus those arriving within ``wa
 default), up to ``max_batch``, runs one model call for all of them on the thread pool, and
 hands every caller its own row. Under load this turns N model calls into N / batch; an idle
 service encodes a query at once. A caller may pass ``then``, the blocking work its vector is
-for (the gallery search): the first query of a batch runs it on the same pool thread straight
-after the encode, so an idle service makes one thread hop per search, not two; the others of a
-batch run theirs on the pool in parallel. When more than
+for (the gallery search): a query encoded alone with nothing else waiting runs it on the same
+pool thread straight after the encode, so an idle service makes one thread hop per search,
+not two; under load every follow-up runs on the pool in parallel, so the collector is free
+for the next batch as soon as the encode returns. When more than
 ``max_pending`` queries are waiting, new ones are refused with :class:`Overloaded` (HTTP 429)
 instead of queueing without bound.
 """
@@ -141,7 +142,10 @@ class MicroBatcher(Generic[T]):
                 continue
             metrics.QUERY_BATCH_SIZE.labels(self.kind).observe(len(live))
             try:
-                out, first = await loop.run_in_executor(self.executor, self._encode, live)
+                # alone and nothing waiting: the search follows on this thread (one hop);
+                # under load the collector is not held up by a search: all go to the pool
+                inline = len(live) == 1 and self._queue.empty()
+                out, first = await loop.run_in_executor(self.executor, self._encode, live, inline)
             except Exception as exc:  # the collector lives on
                 if len(live) == 1:
                     logger.exception("query encoding failed (%s)", self.kind)
@@ -157,20 +161,26 @@ class MicroBatcher(Generic[T]):
                 )
                 await self._one_by_one(live)
                 continue
-            _settle(live[0], *first)
-            for i, p in enumerate(live[1:], start=1):
+            start = 0
+            if first is not None:  # its follow-up ran with the encode
+                _settle(live[0], *first)
+                start = 1
+            for i, p in enumerate(live[start:], start=start):
                 if p.then is None:
                     _settle(p, True, out[i])
                 else:  # the other follow-ups in parallel on the pool, not one after another
                     follow = loop.run_in_executor(self.executor, _call, p.then, out[i])
                     follow.add_done_callback(functools.partial(_settle_from, p))
 
-    def _encode(self, live: list[_Pending[T]]) -> tuple[np.ndarray, tuple[bool, Any]]:
-        """On the pool: one model call for the batch, then the first query's follow-up."""
+    def _encode(
+        self, live: list[_Pending[T]], inline: bool
+    ) -> tuple[np.ndarray, tuple[bool, Any] | None]:
+        """On the pool: one model call for the batch, then (``inline``) the first query's
+        follow-up."""
         start = time.perf_counter()
         out = self.fn([p.value for p in live])
         metrics.observe_encode(f"query_{self.kind}", len(live), time.perf_counter() - start)
-        return out, _call(live[0].then, out[0])
+        return out, _call(live[0].then, out[0]) if inline else None
 
     async def _one_by_one(self, live: list[_Pending[T]]) -> None:
         loop = asyncio.get_running_loop()
@@ -178,11 +188,12 @@ class MicroBatcher(Generic[T]):
             if p.future.done():
                 continue
             try:
-                _, first = await loop.run_in_executor(self.executor, self._encode, [p])
+                _, first = await loop.run_in_executor(self.executor, self._encode, [p], True)
             except Exception as exc:
                 logger.exception("query encoding failed (%s, retried alone)", self.kind)
                 _fail(p, exc)
                 continue
+            assert first is not None
             _settle(p, *first)
 
 

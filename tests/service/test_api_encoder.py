@@ -83,9 +83,9 @@ def test_without_a_wait_queries_that_queue_during_a_call_form_the_next_batch(mod
 
 
 def test_follow_up_runs_in_the_encode_thread_and_fails_alone(model: Any) -> None:
-    """``then`` (the search) runs on the encode's own pool thread for the first query of a
-    batch (one thread hop per idle search); batch-mates get their own ``then(row)``, and a
-    follow-up that raises fails only its caller."""
+    """``then`` (the search) runs on the encode's own pool thread for a query encoded alone
+    (one thread hop per idle search); in a batch each gets its own ``then(row)`` on the pool,
+    and a follow-up that raises fails only its caller."""
     gate = threading.Event()
     counting = _Counting(model, gate)
     threads: dict[str, int] = {}
