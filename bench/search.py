@@ -11,10 +11,11 @@ snapshot; text queries are real Flickr8k dev captions. The same captions are the
 this process as the bare parts: the query encode (the serving model's ``embed_texts``, same
 engine, same thread count) plus ``Gallery.search`` on the same gallery, with FAISS on the
 OpenMP threads the service gives a search (``index.search_threads``). ``overhead`` is
-``service_p50 / bare_p50 - 1`` (target <= 0.15). Service and bare runs are interleaved in
-rounds so machine noise hits both alike. QPS at concurrency 1, 8 and 32: that many requests in
-flight from one asyncio client (keep-alive connections), over the same captions. The
-sequential latencies use ``http.client`` on one keep-alive connection.
+``service_p50 / bare_p50 - 1`` (target <= 0.15). Service and bare alternate query by query
+(``--rounds`` passes over the captions) so machine noise hits both alike; the service side
+is timed with ``http.client`` on one keep-alive connection. QPS at concurrency 1, 8 and 32:
+that many requests in flight from one asyncio client (keep-alive connections), over the same
+captions.
 """
 
 from __future__ import annotations
@@ -63,37 +64,58 @@ def body(q: str, top_k: int) -> dict[str, Any]:
     return {"text": q, "targets": ["image"], "top_k": top_k, "qbnorm": False}
 
 
-def http_latencies(url: str, queries: list[str], top_k: int) -> list[float]:
-    """Sequential searches on one keep-alive connection, timed from sending the request to
-    the last byte of the answer. ``http.client``, the lightest client at hand (httpx adds
+class HttpSearch:
+    """Sequential searches on one keep-alive connection, each timed from sending the request
+    to the last byte of the answer. ``http.client``, the lightest client at hand (httpx adds
     about half a millisecond of its own per request), so the time is the service's."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    headers = {"content-type": "application/json"}
-    out = []
-    try:
-        for q in queries:
-            payload = json.dumps(body(q, top_k))
-            t0 = time.perf_counter()
-            conn.request("POST", "/search", payload, headers)
-            r = conn.getresponse()
-            data = r.read()
-            out.append(time.perf_counter() - t0)
-            if r.status != 200:
-                raise RuntimeError(f"/search answered {r.status}: {data[:200]!r}")
-    finally:
-        conn.close()
-    return out
 
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
 
-def bare_latencies(model: Any, gallery: Gallery, queries: list[str], top_k: int) -> list[float]:
-    out = []
-    for q in queries:
+    def __call__(self, q: str, top_k: int) -> float:
+        payload = json.dumps(body(q, top_k))
         t0 = time.perf_counter()
-        v = model.embed_texts([q])
-        gallery.search(v, top_k)
-        out.append(time.perf_counter() - t0)
-    return out
+        self.conn.request("POST", "/search", payload, {"content-type": "application/json"})
+        r = self.conn.getresponse()
+        data = r.read()
+        seconds = time.perf_counter() - t0
+        if r.status != 200:
+            raise RuntimeError(f"/search answered {r.status}: {data[:200]!r}")
+        return seconds
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def bare_search(model: Any, gallery: Gallery, q: str, top_k: int) -> float:
+    """The parts alone: encode the caption, search the gallery."""
+    t0 = time.perf_counter()
+    v = model.embed_texts([q])
+    gallery.search(v, top_k)
+    return time.perf_counter() - t0
+
+
+def paired(
+    url: str, model: Any, gallery: Gallery, queries: list[str], top_k: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Service and bare latencies, the two sides alternating query by query (who goes first
+    alternating too), so load that comes and goes on a shared machine hits both alike."""
+    client = HttpSearch(url)
+    service: list[float] = []
+    bare: list[float] = []
+    try:
+        for r in range(rounds):
+            for i, q in enumerate(queries):
+                if (i + r) % 2 == 0:
+                    service.append(client(q, top_k))
+                    bare.append(bare_search(model, gallery, q, top_k))
+                else:
+                    bare.append(bare_search(model, gallery, q, top_k))
+                    service.append(client(q, top_k))
+    finally:
+        client.close()
+    return service, bare
 
 
 async def _qps(url: str, queries: list[str], concurrency: int, top_k: int) -> float:
@@ -156,13 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(root / "built" / "index", data_dir / "index")
             env = {"PYTHONPATH": str(checkout)}
             with Server(data_dir, args.threads, env=env, cwd=checkout) as server:
-                http_latencies(server.url, queries[:20], args.top_k)  # warm up both sides
-                bare_latencies(model, gallery, queries[:20], args.top_k)
-                service: list[float] = []
-                bare: list[float] = []
-                for _ in range(args.rounds):
-                    service += http_latencies(server.url, queries, args.top_k)
-                    bare += bare_latencies(model, gallery, queries, args.top_k)
+                paired(server.url, model, gallery, queries[:20], args.top_k, 1)  # warm-up
+                service, bare = paired(server.url, model, gallery, queries, args.top_k, args.rounds)
                 many = (queries * (1 + args.qps_queries // len(queries)))[: args.qps_queries]
                 rates = {c: qps(server.url, many, c, args.top_k) for c in (1, 8, 32)}
             out = {
