@@ -53,7 +53,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -344,24 +344,30 @@ class Worker:
         out = _Decoded(BatchReport(read=len(live)))
         self.jobs.set_states(ItemUpdate(m.job_id, _item_id(m), "encoding") for m in live)
         decoded = self._sort_out(live, self._map(self._decode, live), out)
-        known = self.sink.known_hashes([w.item_id for w in decoded]) if decoded else {}
-        todo = []
-        for w in decoded:
-            if known.get(w.item_id) == (w.modality, w.digest):  # unchanged: nothing to encode
-                out.updates.append(ItemUpdate(w.msg.job_id, w.item_id, "indexed"))
-                out.done.append(w.msg)
-                out.report.unchanged += 1
-            else:
-                todo.append(w)
-        out.work = [w for w in todo if w.modality != "video"]
-        videos = [w for w in todo if w.modality == "video"]
+        out.work = [w for w in decoded if w.modality != "video"]
+        videos = [w for w in decoded if w.modality == "video"]
         out.video_chunks = _chunks_by_frames(videos, self.ingest, self.cfg.video_frame_budget)
         if out.video_chunks:
+            # Unchanged content is settled when the batch is encoded (after the batch before
+            # it is written); here it only spares decoding the videos that look unchanged.
             first = out.video_chunks[0]
+            known = self._unchanged(first)
             out.video_chunks[0] = self._sort_out(
-                [w.msg for w in first], self._map(self._load_video, first), out
+                [w.msg for w in first], self._load_chunk(first, skip=known), out
             )
         return out
+
+    def _unchanged(self, work: Sequence[_Work]) -> set[str]:
+        """Ids whose stored content hash is already this content's."""
+        known = self.sink.known_hashes([w.item_id for w in work]) if work else {}
+        return {w.item_id for w in work if known.get(w.item_id) == (w.modality, w.digest)}
+
+    def _load_chunk(self, chunk: Sequence[_Work], skip: Set[str] = frozenset()) -> list[Any]:
+        """Decode a chunk's probed videos (decode pool): one decoded ``_Work`` or exception per
+        item; those decoded already, or in ``skip``, pass as they are."""
+        todo = [w for w in chunk if isinstance(w.content, _PendingVideo) and w.item_id not in skip]
+        loaded = dict(zip((id(w) for w in todo), self._map(self._load_video, todo), strict=True))
+        return [loaded.get(id(w), w) for w in chunk]
 
     def _sort_out(
         self, messages: Sequence[Message], results: Sequence[Any], batch: _Decoded
@@ -379,8 +385,19 @@ class Worker:
         return ok
 
     def _encode_batch(self, batch: _Decoded) -> BatchReport:
-        """Encode a decoded batch, write it, then mark and ack it."""
+        """Skip unchanged content, encode the rest, write, then mark and ack the batch."""
         report, updates, done = batch.report, batch.updates, batch.done
+        unchanged = self._unchanged(batch.work + [w for c in batch.video_chunks for w in c])
+        if unchanged:
+            for w in batch.work + [w for c in batch.video_chunks for w in c]:
+                if w.item_id in unchanged:
+                    updates.append(ItemUpdate(w.msg.job_id, w.item_id, "indexed"))
+                    done.append(w.msg)
+                    report.unchanged += 1
+            batch.work = [w for w in batch.work if w.item_id not in unchanged]
+            batch.video_chunks = [
+                [w for w in c if w.item_id not in unchanged] for c in batch.video_chunks
+            ]
         records, written = self._encode(batch)
         if written:
             try:
@@ -428,14 +445,12 @@ class Worker:
         chunks = batch.video_chunks
         ahead: Future[list[Any]] | None = None
         for i, chunk in enumerate(chunks):
-            if i == 0:
-                decoded = chunk  # decoded with the batch
-            else:
-                assert ahead is not None
-                decoded = self._sort_out([w.msg for w in chunk], ahead.result(), batch)
+            # chunk 0 was decoded with the batch (what is left of it decodes now)
+            results = self._load_chunk(chunk) if ahead is None else ahead.result()
+            decoded = self._sort_out([w.msg for w in chunk], results, batch)
             ahead = None
             if i + 1 < len(chunks):
-                ahead = self._ahead.submit(self._map, self._load_video, chunks[i + 1])
+                ahead = self._ahead.submit(self._load_chunk, chunks[i + 1])
             if decoded:
                 self._encode_group("video", decoded, records, written, batch.report)
             for w in decoded:

@@ -241,3 +241,38 @@ def test_run_once_and_run_give_the_same_vectors(tmp_path: Path, model: Any) -> N
         for g in galleries.values():
             g.close()
     np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_unchanged_is_decided_after_the_batch_before_is_written(
+    backend: Any,  # noqa: F811
+    tmp_path: Path,
+    model: Any,
+) -> None:
+    """A stored "v1" is changed to "v2" and back to "v1" by two batches; the second is read
+    ahead while the first encodes, yet it is not skipped as unchanged against the stale "v1":
+    the last write wins."""
+    queue, jobs, sink, galleries, applier = backend
+    settings = make_settings(tmp_path, None, batch_size=1, batch_wait_ms=0)
+    jobs.create("j0", ["a"])
+    queue.enqueue("j0", [{"id": "a", "modality": "text", "text": "v1"}])
+    Worker(model, queue, jobs, sink, settings).run_once(block_ms=10)
+
+    def back_to_v1_read_ahead() -> None:
+        wait_for(lambda: states(jobs, "j2").get("a", ("",))[0] == "encoding")
+
+    worker = Worker(GateModel(model, back_to_v1_read_ahead), queue, jobs, sink, settings)
+    jobs.create("j1", ["a"])
+    queue.enqueue("j1", [{"id": "a", "modality": "text", "text": "v2"}])
+    jobs.create("j2", ["a"])
+    queue.enqueue("j2", [{"id": "a", "modality": "text", "text": "v1"}])
+    thread = start(worker)
+    try:
+        assert wait_for(lambda: jobs.get("j2").state == "done")  # type: ignore[union-attr]
+    finally:
+        worker.stop()
+        thread.join(WAIT_S)
+    if applier is not None:
+        applier.catch_up()
+    record = galleries["text"].get("a")
+    assert record is not None and record.content_hash == media.content_hash("v1")
+    np.testing.assert_allclose(record.vectors[0], model.embed_texts(["v1"])[0], atol=1e-6)
