@@ -165,12 +165,25 @@ class MicroBatcher(Generic[T]):
             if first is not None:  # its follow-up ran with the encode
                 _settle(live[0], *first)
                 start = 1
+            follow = []
             for i, p in enumerate(live[start:], start=start):
                 if p.then is None:
                     _settle(p, True, out[i])
-                else:  # the other follow-ups in parallel on the pool, not one after another
-                    follow = loop.run_in_executor(self.executor, _call, p.then, out[i])
-                    follow.add_done_callback(functools.partial(_settle_from, p))
+                else:
+                    follow.append((p, out[i]))
+            if follow:  # after the next batch's encode is on the pool, not ahead of it
+                loop.call_soon(self._follow_up, follow)
+
+    def _follow_up(self, follow: list[tuple[_Pending[T], np.ndarray]]) -> None:
+        """Run follow-ups in parallel on the pool, each settling its own caller."""
+        loop = asyncio.get_running_loop()
+        for p, row in follow:
+            try:
+                done = loop.run_in_executor(self.executor, _call, p.then, row)
+            except RuntimeError:  # the pool is shut down
+                _fail(p, Overloaded("the service is shutting down"))
+                continue
+            done.add_done_callback(functools.partial(_settle_from, p))
 
     def _encode(
         self, live: list[_Pending[T]], inline: bool
