@@ -16,7 +16,9 @@ Per batch:
    (``model.fit_image``). Bad media is the client's fault and permanent: the item is ``failed``
    with the reason and acked at once, never retried and never blocking anything;
 3. items whose id already holds the same content hash (sha256 of the raw bytes / cleaned text)
-   are skipped: ingest is idempotent, and unchanged content is not re-encoded;
+   are skipped: ingest is idempotent, and unchanged content is not re-encoded (decided when
+   the batch is encoded, after the batch before it is written, so a read-ahead batch never
+   judges against a stale hash);
 4. the rest are encoded per modality in batches (``model.embed_texts``/``embed_images``; videos:
    every sampled frame through the image tower in one batch, pooled per segment with
    ``model.pool_frames`` -> one vector per segment; set models pool the whole clip into K
