@@ -3,26 +3,30 @@
     python bench/search.py --gallery 10000 --json
     python bench/search.py --gallery 100000 --json
 
-One run: a gallery of ``--gallery`` synthetic unit vectors of the model's dimension is written
-into a temporary data dir; a real ``xmodal serve`` (embedded mode, the shipped model, its
-default engine) opens it; text queries are real Flickr8k captions. The same captions are then
-timed in this process as the bare parts: the query encode (the serving model's
-``embed_texts``, same engine) plus ``Gallery.search`` on the same gallery. ``overhead`` is
-``service_p50 / bare_p50 - 1`` (target <= 0.15). QPS is measured at concurrency 1, 8 and 32
-(one keep-alive HTTP client per thread). Service and bare runs are interleaved in rounds so
-machine noise hits both alike.
+One run: a gallery of ``--gallery`` synthetic unit vectors of the model's dimension is bulk
+loaded in this process (``Gallery.upsert`` in chunks of 10k, no fsync, then a snapshot: the
+index is built once, by the ``auto`` factory the service uses) into a temporary data dir; a
+real ``xmodal serve`` (embedded mode, the shipped model, its default engine) opens that
+snapshot; text queries are real Flickr8k dev captions. The same captions are then timed in
+this process as the bare parts: the query encode (the serving model's ``embed_texts``, same
+engine, same thread count) plus ``Gallery.search`` on the same gallery, with FAISS on the
+OpenMP threads the service gives a search (``index.search_threads``). ``overhead`` is
+``service_p50 / bare_p50 - 1`` (target <= 0.15). Service and bare alternate query by query
+(``--rounds`` passes over the captions) so machine noise hits both alike; the service side
+is timed with ``http.client`` on one keep-alive connection. QPS at concurrency 1, 8 and 32:
+that many requests in flight from one asyncio client (keep-alive connections), over the same
+captions.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import http.client
 import json
-import os
-import socket
-import subprocess
+import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,24 +36,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from served import FLICKR, Server, captions  # noqa: E402
+
 from index.gallery import Gallery, GalleryConfig, Record  # noqa: E402
+from index.vector_index import set_search_threads  # noqa: E402
 from service.loading import load_serving_model  # noqa: E402
 from service.settings import ModelSettings  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def captions(data: Path, n: int) -> list[str]:
-    rows = [json.loads(line) for line in (data / "captions.jsonl").open()]
-    rows = [r for r in rows if r.get("split") == "dev"] or rows
-    return [r["captions"][0] for r in rows[:n]]
-
-
 def build_gallery(root: Path, model_name: str, dim: int, n: int, seed: int = 0) -> Gallery:
+    """``n`` random unit vectors as image items ``img-<i>`` in the service's gallery folder."""
     rng = np.random.default_rng(seed)
     gallery = Gallery(root / "index" / model_name / "image", dim, 1, GalleryConfig(fsync=False))
     for start in range(0, n, 10_000):
@@ -64,70 +60,85 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1000, q))
 
 
-def serve(data_dir: Path, port: int, threads: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, XMODAL_DATA_DIR=str(data_dir), XMODAL_PORT=str(port))
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    log = open(data_dir / "serve.log", "wb")  # noqa: SIM115 - lives as long as the process
-    return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+def body(q: str, top_k: int) -> dict[str, Any]:
+    return {"text": q, "targets": ["image"], "top_k": top_k, "qbnorm": False}
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
-    import httpx
+class HttpSearch:
+    """Sequential searches on one keep-alive connection, each timed from sending the request
+    to the last byte of the answer. ``http.client``, the lightest client at hand (httpx adds
+    about half a millisecond of its own per request), so the time is the service's."""
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"xmodal serve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("xmodal serve did not become ready")
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
 
-
-def http_latencies(url: str, queries: list[str], top_k: int) -> list[float]:
-    import httpx
-
-    out = []
-    with httpx.Client(base_url=url, timeout=30) as client:
-        for q in queries:
-            body = {"text": q, "targets": ["image"], "top_k": top_k, "qbnorm": False}
-            t0 = time.perf_counter()
-            r = client.post("/search", json=body)
-            out.append(time.perf_counter() - t0)
-            r.raise_for_status()
-    return out
-
-
-def bare_latencies(model: Any, gallery: Gallery, queries: list[str], top_k: int) -> list[float]:
-    out = []
-    for q in queries:
+    def __call__(self, q: str, top_k: int) -> float:
+        payload = json.dumps(body(q, top_k))
         t0 = time.perf_counter()
-        v = model.embed_texts([q])
-        gallery.search(v, top_k)
-        out.append(time.perf_counter() - t0)
-    return out
+        self.conn.request("POST", "/search", payload, {"content-type": "application/json"})
+        r = self.conn.getresponse()
+        data = r.read()
+        seconds = time.perf_counter() - t0
+        if r.status != 200:
+            raise RuntimeError(f"/search answered {r.status}: {data[:200]!r}")
+        return seconds
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def bare_search(model: Any, gallery: Gallery, q: str, top_k: int) -> float:
+    """The parts alone: encode the caption, search the gallery."""
+    t0 = time.perf_counter()
+    v = model.embed_texts([q])
+    gallery.search(v, top_k)
+    return time.perf_counter() - t0
+
+
+def paired(
+    url: str, model: Any, gallery: Gallery, queries: list[str], top_k: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Service and bare latencies, the two sides alternating query by query (who goes first
+    alternating too), so load that comes and goes on a shared machine hits both alike."""
+    client = HttpSearch(url)
+    service: list[float] = []
+    bare: list[float] = []
+    try:
+        for r in range(rounds):
+            for i, q in enumerate(queries):
+                if (i + r) % 2 == 0:
+                    service.append(client(q, top_k))
+                    bare.append(bare_search(model, gallery, q, top_k))
+                else:
+                    bare.append(bare_search(model, gallery, q, top_k))
+                    service.append(client(q, top_k))
+    finally:
+        client.close()
+    return service, bare
+
+
+async def _qps(url: str, queries: list[str], concurrency: int, top_k: int) -> float:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    todo = list(queries)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def one_client() -> None:
+            while todo:
+                r = await client.post("/search", json=body(todo.pop(), top_k))
+                r.raise_for_status()
+
+        await asyncio.gather(*(client.post("/search", json=body(q, top_k)) for q in queries[:4]))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        return len(queries) / (time.perf_counter() - t0)
 
 
 def qps(url: str, queries: list[str], concurrency: int, top_k: int) -> float:
-    per = [queries[i::concurrency] for i in range(concurrency)]
-    threads = [
-        threading.Thread(target=http_latencies, args=(url, part, top_k)) for part in per if part
-    ]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(queries) / (time.perf_counter() - t0)
+    """Requests per second with ``concurrency`` requests in flight."""
+    return asyncio.run(_qps(url, queries, concurrency, top_k))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,55 +148,65 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "flickr8k")
+    p.add_argument("--qps-queries", type=int, default=200, help="requests per QPS level")
+    p.add_argument("--data", type=Path, default=FLICKR)
+    p.add_argument(
+        "--serve-from",
+        type=Path,
+        action="append",
+        help="checkout whose `xmodal serve` runs (default: this one); give it twice (e.g. an "
+        "older commit's export, then this one) for a before/after on one gallery in one run: "
+        "one JSON line each",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
+    set_search_threads(GalleryConfig().search_threads)  # as on the service's pool threads
     model = load_serving_model(ModelSettings(device="cpu"))
     queries = captions(args.data, args.queries)
+    checkouts: list[Path] = args.serve_from or [REPO]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        gallery = build_gallery(root, model.name, model.embed_dim, args.gallery)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = serve(root, port, args.threads)
-        try:
-            wait_ready(url, proc)
-            http_latencies(url, queries[:20], args.top_k)  # warm up both sides
-            bare_latencies(model, gallery, queries[:20], args.top_k)
-            service: list[float] = []
-            bare: list[float] = []
-            for _ in range(args.rounds):
-                service += http_latencies(url, queries, args.top_k)
-                bare += bare_latencies(model, gallery, queries, args.top_k)
-            rates = {c: qps(url, queries, c, args.top_k) for c in (1, 8, 32)}
-        finally:
-            proc.terminate()
-            proc.wait(30)
-            gallery.close()
-    out = {
-        "gallery": args.gallery,
-        "index": gallery.factory,
-        "model": model.name,
-        "engine": "onnx" if model.runtime is not None else "eager",
-        "queries": len(service),
-        "service_p50_ms": round(pct(service, 50), 2),
-        "service_p99_ms": round(pct(service, 99), 2),
-        "bare_p50_ms": round(pct(bare, 50), 2),
-        "bare_p99_ms": round(pct(bare, 99), 2),
-        "overhead": round(pct(service, 50) / pct(bare, 50) - 1, 3),
-        "qps_c1": round(rates[1], 1),
-        "qps_c8": round(rates[8], 1),
-        "qps_c32": round(rates[32], 1),
-    }
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:>16s}  {v}")
+        t0 = time.perf_counter()
+        gallery = build_gallery(root / "built", model.name, model.embed_dim, args.gallery)
+        build_s = time.perf_counter() - t0
+        for i, checkout in enumerate(checkouts):
+            data_dir = root / f"serve-{i}"  # a fresh copy of the built gallery per server
+            shutil.copytree(root / "built" / "index", data_dir / "index")
+            env = {"PYTHONPATH": str(checkout)}
+            with Server(data_dir, args.threads, env=env, cwd=checkout) as server:
+                paired(server.url, model, gallery, queries[:20], args.top_k, 1)  # warm-up
+                service, bare = paired(server.url, model, gallery, queries, args.top_k, args.rounds)
+                many = (queries * (1 + args.qps_queries // len(queries)))[: args.qps_queries]
+                rates = {c: qps(server.url, many, c, args.top_k) for c in (1, 8, 32)}
+            out = {
+                "gallery": args.gallery,
+                "index": gallery.factory,
+                "model": model.name,
+                "engine": "onnx" if model.runtime is not None else "eager",
+                "threads": args.threads,
+                "queries": len(service),
+                "service_p50_ms": round(pct(service, 50), 2),
+                "service_p99_ms": round(pct(service, 99), 2),
+                "bare_p50_ms": round(pct(bare, 50), 2),
+                "bare_p99_ms": round(pct(bare, 99), 2),
+                "overhead": round(pct(service, 50) / pct(bare, 50) - 1, 3),
+                "qps_c1": round(rates[1], 1),
+                "qps_c8": round(rates[8], 1),
+                "qps_c32": round(rates[32], 1),
+                "gallery_build_s": round(build_s, 1),
+            }
+            if args.serve_from:
+                out["serve_from"] = str(checkout)
+            if args.json:
+                print(json.dumps(out), flush=True)
+            else:
+                for k, v in out.items():
+                    print(f"{k:>16s}  {v}")
+        gallery.close()
     return 0
 
 

@@ -56,6 +56,13 @@ class GalleryConfig(BaseModel):
         default=10_000, description="log records between automatic snapshots"
     )
     fsync: bool = Field(default=True, description="fsync the log and snapshots (off only in tests)")
+    search_threads: int = Field(
+        default=1,
+        ge=0,
+        description="OpenMP threads of one FAISS search on the API's pool threads (0 = FAISS's "
+        "default): queries run in parallel on the pool, and an OpenMP team per single query "
+        "costs more than it saves on a busy CPU",
+    )
 
 
 @dataclass

@@ -29,6 +29,14 @@ SET_LISTS_PER_ROOT = 8  # set galleries: searches hundreds deep over many probes
 FAISS_DEFAULTS = {"efSearch": 16, "nprobe": 1}  # the knobs' values in a fresh faiss index
 
 
+def set_search_threads(n: int) -> None:
+    """OpenMP threads FAISS uses for work started on the *calling* thread (the OpenMP runtime
+    keeps the setting per thread: call it in each thread, e.g. as a pool's initializer);
+    0 leaves FAISS's default (one per core)."""
+    if n > 0:
+        faiss.omp_set_num_threads(n)
+
+
 def gpu_available() -> bool:
     """True when this faiss build has GPU support and sees at least one GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0

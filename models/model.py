@@ -155,6 +155,9 @@ def frame_picks(n: int, max_frames: int) -> np.ndarray:
 @contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     was_training = module.training
+    if not was_training:  # serving (`.eval()` once): toggling walks every submodule twice per
+        yield  # call, which cost more than the ONNX text encode itself
+        return
     module.eval()
     try:
         yield
@@ -225,6 +228,11 @@ class XModal(nn.Module):
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
         """PIL images -> normalised pixels `[B,3,H,W]` (CPU float32)."""
         return self.image_backbone.preprocess(images)
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """One PIL image -> RGB at the image tower's input size (what `preprocess` resizes to;
+        a fitted image passes `preprocess` unchanged, so this can run ahead of encoding)."""
+        return self.image_backbone.fit(image)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Texts -> `{"input_ids": [B,L], "attention_mask": [B,L]}` (CPU long)."""

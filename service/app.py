@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from index.vector_index import set_search_threads
 from service import metrics
 from service.encoder import QueryEncoder
 from service.errors import BodyLimitMiddleware, install_error_handlers
@@ -46,7 +47,12 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, *, model: Any = None) -> FastAPI:
     """Build the API. ``model`` overrides loading ``settings.model`` (tests)."""
     settings = settings if settings is not None else Settings()  # type: ignore[call-arg]
-    executor = ThreadPoolExecutor(settings.model.threads, thread_name_prefix="xmodal")
+    executor = ThreadPoolExecutor(
+        settings.model.threads,
+        thread_name_prefix="xmodal",
+        initializer=set_search_threads,  # per thread: one query's search on one core
+        initargs=(settings.index.search_threads,),
+    )
     state = ServiceState(settings=settings, executor=executor)
 
     async def load() -> None:

@@ -3,6 +3,9 @@
 Routes declare what they need with the ``Annotated`` aliases at the bottom
 (``State``, ``ReadyState``) and guard themselves with ``ReadAccess`` /
 ``WriteAccess``; nothing in a route reaches into ``request.app`` directly.
+
+Every dependency is ``async def``: they never block, and FastAPI runs a plain ``def``
+dependency on its thread pool, a thread hop (two per search) that costs more than the check.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from service.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
-    """The service state (present from start-up, maybe not ready yet)."""
+def _state(request: Request) -> ServiceState:
     return request.app.state.xmodal  # type: ignore[no-any-return]
 
 
-def get_ready_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    """The service state (present from start-up, maybe not ready yet)."""
+    return _state(request)
+
+
+async def get_ready_state(request: Request) -> ServiceState:
     """The service state, or 503 while the model and index are still loading."""
-    state = get_state(request)
+    state = _state(request)
     if not state.ready:
         # the cause (maybe a file path) is in the log, never in the answer
         detail = "not ready: start-up failed" if state.error else "not ready: still loading"
@@ -84,31 +91,31 @@ def _bearer(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     return f"Bearer {credentials.credentials}" if credentials is not None else None
 
 
-def require_read(
+async def require_read(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
     x_api_key: Annotated[str | None, Security(_API_KEY)] = None,
 ) -> None:
     """A read or write key, when read keys are configured."""
-    _check_key(get_state(request), _bearer(bearer), x_api_key, write=False)
+    _check_key(_state(request), _bearer(bearer), x_api_key, write=False)
 
 
-def require_write(
+async def require_write(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
     x_api_key: Annotated[str | None, Security(_API_KEY)] = None,
 ) -> None:
     """A write key, when any keys are configured."""
-    _check_key(get_state(request), _bearer(bearer), x_api_key, write=True)
+    _check_key(_state(request), _bearer(bearer), x_api_key, write=True)
 
 
-def require_metrics(
+async def require_metrics(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
     x_api_key: Annotated[str | None, Security(_API_KEY)] = None,
 ) -> None:
     """With ``auth.protect_metrics``: any configured key (read or write) may scrape."""
-    state = get_state(request)
+    state = _state(request)
     auth = state.settings.auth
     if auth.protect_metrics and (auth.read_keys or auth.write_keys):
         key = _presented_key(_bearer(bearer), x_api_key)

@@ -4,7 +4,11 @@ Each search awaits ``encode_text`` / ``encode_image``; a per-kind collector task
 queries that queued while the previous call ran (plus those arriving within ``wait_ms``, 0 by
 default), up to ``max_batch``, runs one model call for all of them on the thread pool, and
 hands every caller its own row. Under load this turns N model calls into N / batch; an idle
-service encodes a query at once. When more than
+service encodes a query at once. A caller may pass ``then``, the blocking work its vector is
+for (the gallery search): a query encoded alone with nothing else waiting runs it on the same
+pool thread straight after the encode, so an idle service makes one thread hop per search,
+not two; under load every follow-up runs on the pool in parallel, so the collector is free
+for the next batch as soon as the encode returns. When more than
 ``max_pending`` queries are waiting, new ones are refused with :class:`Overloaded` (HTTP 429)
 instead of queueing without bound.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +46,18 @@ class Overloaded(Exception):
 @dataclass
 class _Pending(Generic[T]):
     value: T
-    future: asyncio.Future[np.ndarray] = field(repr=False)
+    future: asyncio.Future[Any] = field(repr=False)
+    then: Callable[[np.ndarray], Any] | None = None  # blocking follow-up of the vector
+
+
+def _call(fn: Callable[[np.ndarray], Any] | None, row: np.ndarray) -> tuple[bool, Any]:
+    """``(ok, fn(row) or the exception)``; ``row`` itself without a follow-up."""
+    if fn is None:
+        return True, row
+    try:
+        return True, fn(row)
+    except Exception as exc:  # noqa: BLE001 - handed to its own caller
+        return False, exc
 
 
 class MicroBatcher(Generic[T]):
@@ -89,15 +105,16 @@ class MicroBatcher(Generic[T]):
             if not item.future.done():
                 item.future.set_exception(Overloaded("the service is shutting down"))
 
-    async def submit(self, value: T) -> np.ndarray:
-        """Encode one input, batched with whatever arrives at the same time."""
+    async def submit(self, value: T, then: Callable[[np.ndarray], Any] | None = None) -> Any:
+        """Encode one input, batched with whatever arrives at the same time: its row, or
+        ``then(row)`` when given (blocking work, run on the pool; see the module docstring)."""
         if self._task is None:
             self.start()
         assert self._queue is not None
         if self._queue.qsize() >= self.max_pending:
             raise Overloaded(f"{self._queue.qsize()} {self.kind} queries already waiting")
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(value, future))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(value, future, then))
         metrics.QUERY_ENCODER_PENDING.labels(self.kind).set(self._queue.qsize())
         return await future
 
@@ -124,9 +141,11 @@ class MicroBatcher(Generic[T]):
             if not live:
                 continue
             metrics.QUERY_BATCH_SIZE.labels(self.kind).observe(len(live))
-            start = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self.executor, self.fn, [p.value for p in live])
+                # alone and nothing waiting: the search follows on this thread (one hop);
+                # under load the collector is not held up by a search: all go to the pool
+                inline = len(live) == 1 and self._queue.empty()
+                out, first = await loop.run_in_executor(self.executor, self._encode, live, inline)
             except Exception as exc:  # the collector lives on
                 if len(live) == 1:
                     logger.exception("query encoding failed (%s)", self.kind)
@@ -142,31 +161,77 @@ class MicroBatcher(Generic[T]):
                 )
                 await self._one_by_one(live)
                 continue
-            metrics.observe_encode(f"query_{self.kind}", len(live), time.perf_counter() - start)
-            for i, p in enumerate(live):
-                if not p.future.done():
-                    p.future.set_result(out[i])
+            start = 0
+            if first is not None:  # its follow-up ran with the encode
+                _settle(live[0], *first)
+                start = 1
+            follow = []
+            for i, p in enumerate(live[start:], start=start):
+                if p.then is None:
+                    _settle(p, True, out[i])
+                else:
+                    follow.append((p, out[i]))
+            if follow:  # after the next batch's encode is on the pool, not ahead of it
+                loop.call_soon(self._follow_up, follow)
+
+    def _follow_up(self, follow: list[tuple[_Pending[T], np.ndarray]]) -> None:
+        """Run follow-ups in parallel on the pool, each settling its own caller."""
+        loop = asyncio.get_running_loop()
+        for p, row in follow:
+            try:
+                done = loop.run_in_executor(self.executor, _call, p.then, row)
+            except RuntimeError:  # the pool is shut down
+                _fail(p, Overloaded("the service is shutting down"))
+                continue
+            done.add_done_callback(functools.partial(_settle_from, p))
+
+    def _encode(
+        self, live: list[_Pending[T]], inline: bool
+    ) -> tuple[np.ndarray, tuple[bool, Any] | None]:
+        """On the pool: one model call for the batch, then (``inline``) the first query's
+        follow-up."""
+        start = time.perf_counter()
+        out = self.fn([p.value for p in live])
+        metrics.observe_encode(f"query_{self.kind}", len(live), time.perf_counter() - start)
+        return out, _call(live[0].then, out[0]) if inline else None
 
     async def _one_by_one(self, live: list[_Pending[T]]) -> None:
         loop = asyncio.get_running_loop()
         for p in live:
             if p.future.done():
                 continue
-            start = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self.executor, self.fn, [p.value])
+                _, first = await loop.run_in_executor(self.executor, self._encode, [p], True)
             except Exception as exc:
                 logger.exception("query encoding failed (%s, retried alone)", self.kind)
                 _fail(p, exc)
                 continue
-            metrics.observe_encode(f"query_{self.kind}", 1, time.perf_counter() - start)
-            if not p.future.done():
-                p.future.set_result(out[0])
+            assert first is not None
+            _settle(p, *first)
 
 
 def _fail(p: _Pending[Any], exc: Exception) -> None:
     if not p.future.done():
         p.future.set_exception(exc)
+
+
+def _settle_from(p: _Pending[Any], follow: asyncio.Future[tuple[bool, Any]]) -> None:
+    if follow.cancelled():
+        _fail(p, Overloaded("the service is shutting down"))
+    elif follow.exception() is not None:
+        _fail(p, follow.exception())  # type: ignore[arg-type]
+    else:
+        _settle(p, *follow.result())
+
+
+def _settle(p: _Pending[Any], ok: bool, result: Any) -> None:
+    """Hand a caller its result (or the exception its follow-up raised)."""
+    if p.future.done():
+        return
+    if ok:
+        p.future.set_result(result)
+    else:
+        p.future.set_exception(result)
 
 
 class QueryEncoder:
@@ -200,21 +265,30 @@ class QueryEncoder:
         await self._texts.stop()
         await self._images.stop()
 
-    async def encode_text(self, text: str) -> np.ndarray:
-        """One text query -> its embedding ``[D]`` (or ``[K, D]``)."""
-        return await self._texts.submit(text)
+    async def encode_text(self, text: str, then: Callable[[np.ndarray], Any] | None = None) -> Any:
+        """One text query -> its embedding ``[D]`` (or ``[K, D]``), or ``then(embedding)``
+        run on the pool right after the encode."""
+        return await self._texts.submit(text, then)
 
-    async def encode_image(self, image: Any) -> np.ndarray:
-        """One PIL image -> its embedding ``[D]`` (or ``[K, D]``)."""
-        return await self._images.submit(image)
+    async def encode_image(
+        self, image: Any, then: Callable[[np.ndarray], Any] | None = None
+    ) -> Any:
+        """One PIL image -> its embedding ``[D]`` (or ``[K, D]``), or ``then(embedding)``."""
+        return await self._images.submit(image, then)
 
-    async def encode_video(self, frames: Sequence[Any]) -> np.ndarray:
-        """Frames of one video -> one embedding ``[D]`` (or ``[K, D]``), not batched."""
+    async def encode_video(
+        self, frames: Sequence[Any], then: Callable[[np.ndarray], Any] | None = None
+    ) -> Any:
+        """Frames of one video -> one embedding ``[D]`` (or ``[K, D]``), not batched; or
+        ``then(embedding)``, in the same pool call."""
+        return await self.run(self._encode_video, list(frames), then)
+
+    def _encode_video(self, frames: list[Any], then: Callable[[np.ndarray], Any] | None) -> Any:
         start = time.perf_counter()
-        out = await self.run(self.model.embed_video_frames, list(frames))
+        out = np.asarray(self.model.embed_video_frames(frames), dtype=np.float32)
         metrics.observe_encode("query_video", 1, time.perf_counter() - start)
-        out = np.asarray(out, dtype=np.float32)
-        return out[0] if out.ndim >= 2 and out.shape[0] == 1 else out
+        out = out[0] if out.ndim >= 2 and out.shape[0] == 1 else out
+        return out if then is None else then(out)
 
     async def encode_texts(self, texts: Sequence[str], chunk: int = 256) -> np.ndarray:
         """Many texts (querybank) in chunks on the pool -> ``[n, D]`` (or ``[n, K, D]``)."""

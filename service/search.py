@@ -9,8 +9,9 @@ refresher (:mod:`service.normalizers`), never on a search.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from service import media, metrics
 from service.schemas import Modality, SearchRequest, SearchResult
 from service.settings import MODALITIES
 from service.state import ServiceState
+
+R = TypeVar("R")
 
 
 class SearchError(Exception):
@@ -53,33 +56,42 @@ DEFAULT_TARGETS: dict[str, list[Modality]] = {
 }
 
 
+def query_kind(req: SearchRequest, upload: tuple[str, bytes] | None) -> str:
+    """What the query is: ``text``, ``image``, ``video``, ``vector`` or ``item_id``."""
+    return upload[0] if upload is not None else req.query_kind
+
+
 async def encode_query(
-    state: ServiceState, req: SearchRequest, upload: tuple[str, bytes] | None
-) -> tuple[np.ndarray, str]:
-    """Encode the query: ``(vector [D] or [K,D], query kind)``."""
+    state: ServiceState,
+    req: SearchRequest,
+    upload: tuple[str, bytes] | None,
+    then: Callable[[np.ndarray], R],
+) -> R:
+    """Encode the query and hand its vector (``[D]`` or ``[K,D]``) to ``then``, blocking work
+    that runs on the pool in the same thread hop as the encode (one hop per search)."""
     assert state.encoder is not None
     settings = state.settings.ingest
     max_bytes = settings.max_body_bytes
-    kind = upload[0] if upload is not None else req.query_kind
+    kind = query_kind(req, upload)
     try:
         if kind == "text":
             assert req.text is not None
-            return await state.encoder.encode_text(req.text), "text"
+            return await state.encoder.encode_text(req.text, then)  # type: ignore[no-any-return]
         if kind == "image":
             raw = upload[1] if upload else media.decode_base64(req.image or "", max_bytes)
             image = await state.encoder.run(media.load_image, raw, settings)
-            return await state.encoder.encode_image(image), "image"
+            return await state.encoder.encode_image(image, then)  # type: ignore[no-any-return]
         if kind == "video":
             raw = upload[1] if upload else media.decode_base64(req.video or "", max_bytes)
             video = await state.encoder.run(media.load_video, raw, settings)
             frames = [f for seg in video.segments for f in seg.frames]
-            return await state.encoder.encode_video(frames), "video"
+            return await state.encoder.encode_video(frames, then)  # type: ignore[no-any-return]
     except media.MediaError as exc:
         raise SearchError(f"{kind}: {exc.message}", exc.status) from exc
     if kind == "vector":
-        return _check_vector(state, req.vector), "vector"
+        return await state.encoder.run(then, _check_vector(state, req.vector))
     assert req.item_id is not None
-    return _item_vector(state, req.item_id), "item_id"
+    return await state.encoder.run(then, _item_vector(state, req.item_id))
 
 
 def _check_vector(state: ServiceState, vector: Any) -> np.ndarray:
@@ -183,26 +195,25 @@ async def run_search(
 ) -> SearchOutcome:
     """Encode, search every target (QB-Norm where it applies), merge and cut the page."""
     t0 = time.perf_counter()
-    q, query_kind = await encode_query(state, req, upload)
-    if query_kind in ("text", "image", "video"):
-        metrics.SEARCH_STAGE.labels("encode").observe(time.perf_counter() - t0)
-    targets = req.targets or DEFAULT_TARGETS[query_kind]
+    kind = query_kind(req, upload)
+    targets = req.targets or DEFAULT_TARGETS[kind]
     want_qbnorm = req.qbnorm if req.qbnorm is not None else state.settings.qbnorm.mode != "off"
     n = req.offset + req.top_k
-    assert state.encoder is not None
-    found, applied = await state.encoder.run(
-        search_targets, state, q, query_kind, targets, n, req.filter, want_qbnorm
-    )
+
+    def search(q: np.ndarray) -> tuple[list[Row], bool]:
+        # on the pool, straight after the encode
+        if kind in ("text", "image", "video"):
+            metrics.SEARCH_STAGE.labels("encode").observe(time.perf_counter() - t0)
+        return search_targets(state, q, kind, targets, n, req.filter, want_qbnorm)
+
+    found, applied = await encode_query(state, req, upload, search)
     t1 = time.perf_counter()
     page = merge_and_page(found, req.offset, req.top_k, req.min_score, req.min_probability)
     results = [_result(state, *row) for row in page]
     metrics.SEARCH_STAGE.labels("rerank").observe(time.perf_counter() - t1)
-    metrics.SEARCHES.labels(query_kind, str(applied).lower()).inc()
+    metrics.SEARCHES.labels(kind, str(applied).lower()).inc()
     return SearchOutcome(
-        results=results,
-        query_kind=query_kind,
-        qbnorm_applied=applied,
-        bank=state.bank_for(query_kind),
+        results=results, query_kind=kind, qbnorm_applied=applied, bank=state.bank_for(kind)
     )
 
 
@@ -255,6 +266,7 @@ __all__ = [
     "SearchOutcome",
     "encode_query",
     "merge_and_page",
+    "query_kind",
     "run_search",
     "search_targets",
 ]

@@ -203,7 +203,9 @@ def open_thumbnail_store(settings: Settings) -> FileThumbnailStore | RedisThumbn
 
 
 class ThumbnailWriter:
-    """The worker's hook: ``save(item_id, decoded content)``, best effort, never raising."""
+    """The worker's hook, best effort, never raising: ``render`` a preview from the decoded
+    content (ahead of encoding, from the full-size decode) and ``put`` it once the item is
+    encoded; ``save`` does both."""
 
     def __init__(self, settings: Settings, store: ThumbnailStore | None = None) -> None:
         self.cfg = settings.thumbnails
@@ -211,15 +213,28 @@ class ThumbnailWriter:
         if self.cfg.enabled:
             self.store = store if store is not None else open_thumbnail_store(settings)
 
-    def save(self, item_id: str, content: Any) -> None:
+    def render(self, content: Any) -> Preview | None:
+        """The preview of ``content`` (None when previews are off or it cannot be made)."""
         if self.store is None:
+            return None
+        try:
+            return make_preview(content, self.cfg)
+        except Exception:  # noqa: BLE001 - a preview must never fail the item
+            logger.warning("thumbnail not made", exc_info=True)
+            return None
+
+    def put(self, item_id: str, preview: Preview | None) -> None:
+        """Store a rendered preview (nothing when there is none)."""
+        if self.store is None or preview is None:
             return
         try:
-            preview = make_preview(content, self.cfg)
-            if preview is not None:
-                self.store.put(item_id, preview)
+            self.store.put(item_id, preview)
         except Exception:  # noqa: BLE001 - a preview must never fail the item
             logger.warning("thumbnail of item %s not stored", item_id, exc_info=True)
+
+    def save(self, item_id: str, content: Any) -> None:
+        """``put(item_id, render(content))``."""
+        self.put(item_id, self.render(content))
 
 
 __all__ = [

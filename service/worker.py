@@ -11,11 +11,14 @@ Per batch:
    they failed) one by one, each try alone counted durably first (``queue.mark_solo``); only a
    message that crashed or failed alone ``worker.max_deliveries`` times is dead-lettered with
    its last error (and its job item failed), never the innocent batch-mates of a crash;
-2. items move to ``encoding``; each is decoded (:mod:`service.media`). Bad media is the client's
-   fault and permanent: the item is ``failed`` with the reason and acked at once, never retried
-   and never blocking anything;
+2. items move to ``encoding``; each is decoded (:mod:`service.media`), its thumbnail rendered
+   from the full-size decode, and images and video frames fitted to the model's input size
+   (``model.fit_image``). Bad media is the client's fault and permanent: the item is ``failed``
+   with the reason and acked at once, never retried and never blocking anything;
 3. items whose id already holds the same content hash (sha256 of the raw bytes / cleaned text)
-   are skipped: ingest is idempotent, and unchanged content is not re-encoded;
+   are skipped: ingest is idempotent, and unchanged content is not re-encoded (decided when
+   the batch is encoded, after the batch before it is written, so a read-ahead batch never
+   judges against a stale hash);
 4. the rest are encoded per modality in batches (``model.embed_texts``/``embed_images``; videos:
    every sampled frame through the image tower in one batch, pooled per segment with
    ``model.pool_frames`` -> one vector per segment; set models pool the whole clip into K
@@ -26,6 +29,15 @@ Per batch:
    between redelivers an already-written item, which is a no-op, rather than leaving a job
    stuck in ``encoding``).
 
+**Decode-ahead.** :meth:`Worker.run` is a two-stage pipeline: while one batch encodes, a
+prefetch thread reads the next batch from the queue and decodes it (step 2, on the decode
+pool), and a batch's video chunks are decoded one chunk ahead of the chunk being encoded. At
+most one batch and one video chunk wait decoded, so memory stays bounded (about two frame
+budgets of fitted frames). The prefetched batch is ordinary pending work: a decode failure
+fails only its item, exactly as in the in-line path (:meth:`Worker.run_once`, same code), and
+``stop()`` finishes the in-flight batch *and* the one decoded behind it, so nothing read is
+left half done (a crash leaves both pending: recovered as below).
+
 Unexpected errors (not bad media) are recorded with ``nack`` and the message stays pending; it
 is reclaimed (``XAUTOCLAIM``) after ``worker.claim_idle_ms`` by whichever worker gets there
 first. Crashed work comes back faster: a starting worker first takes back what its consumer
@@ -33,7 +45,7 @@ held when it died (``queue.recover``), and Redis workers beat their heartbeat re
 (:mod:`service.heartbeat`, TTL ``worker.heartbeat_ttl_s``) from a thread of their own, so a
 peer whose beats stopped has its pending entries claimed in full batches within seconds
 (``queue.reclaim_dead``).
-``stop()`` lets the in-flight batch finish.
+``stop()`` lets the in-flight batch (and the prefetched one) finish.
 """
 
 from __future__ import annotations
@@ -43,9 +55,9 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence, Set
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -58,7 +70,7 @@ from service.media import DecodedVideo, MediaError, VideoInfo
 from service.queue import IngestQueue, Message
 from service.settings import IngestSettings, Settings, WorkerSettings
 from service.sinks import GallerySink, VectorSink
-from service.thumbnails import ThumbnailWriter
+from service.thumbnails import Preview, ThumbnailWriter
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +99,33 @@ class _PendingVideo:
 class _Work:
     msg: Message
     modality: str
-    content: Any  # str (text), PIL image, DecodedVideo
+    content: Any  # str (text), PIL image fitted to the model input, _PendingVideo, DecodedVideo
     digest: str
+    preview: Preview | None = None  # its thumbnail, rendered from the full-size decode
 
     @property
     def item_id(self) -> str:
         return str(self.msg.item["id"])
+
+
+@dataclass
+class _Decoded:
+    """First deliveries of a batch, decoded: what is left to encode, and what is settled."""
+
+    report: BatchReport
+    updates: list[ItemUpdate] = field(default_factory=list)  # failed so far
+    done: list[Message] = field(default_factory=list)  # to ack with the batch
+    work: list[_Work] = field(default_factory=list)  # texts and images, decoded
+    video_chunks: list[list[_Work]] = field(default_factory=list)  # chunk 0 decoded already
+
+
+@dataclass
+class _Batch:
+    """A batch read from the queue: first deliveries decoded, redeliveries tried alone later."""
+
+    fresh: _Decoded | None
+    redelivered: list[Message]
+    read_at: float  # time.monotonic() before its first message was read
 
 
 class Worker:
@@ -142,6 +175,9 @@ class Worker:
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="xmodal-decode") if threads > 1 else None
         )
+        # decode-ahead: the next batch (run) and the next video chunk (both paths), one each
+        self._ahead = ThreadPoolExecutor(2, thread_name_prefix="xmodal-prefetch")
+        self._fit: Callable[[Any], Any] = getattr(model, "fit_image", None) or (lambda im: im)
         self._busy = threading.Lock()  # held while a batch is in flight
         self._claim_every = max(0.05, min(self.cfg.claim_idle_ms / 2000, 30.0))
         self._next_claim = 0.0
@@ -149,6 +185,7 @@ class Worker:
         self._recovered = False  # recover() this consumer's own pending work first
         self._settings = settings
         self._next_dead_check = 0.0
+        self._in_flight_since: float | None = None  # read_at of the batch run() is encoding
 
     # ---- loop ---------------------------------------------------------------------------
 
@@ -163,9 +200,24 @@ class Worker:
 
             heartbeat = start_worker_heartbeat(self._settings, self)
         backoff = 0.5
-        while not self._stop.is_set():
+        ahead: Future[_Batch | None] | None = None  # the next batch, read and decoding
+        while not self._stop.is_set() or ahead is not None:  # stopping: finish the prefetched
             try:
-                self.run_once()
+                if ahead is not None:
+                    pending, ahead = ahead, None
+                    batch = pending.result()  # raises what reading or decoding raised
+                else:
+                    batch = self._read_batch(self.cfg.read_block_ms)
+                if batch is None:
+                    continue
+                if not self._stop.is_set():
+                    ahead = self._ahead.submit(self._read_batch, self.cfg.read_block_ms)
+                with self._busy:
+                    self._in_flight_since = batch.read_at
+                    try:
+                        self._finish(batch)
+                    finally:
+                        self._in_flight_since = None
                 backoff = 0.5
             except Exception:
                 logger.exception(
@@ -184,6 +236,7 @@ class Worker:
 
     def close(self) -> None:
         """Release the decode threads (after the loop ended, or when only run_once is used)."""
+        self._ahead.shutdown(wait=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -195,12 +248,35 @@ class Worker:
     def run_once(self, block_ms: int | None = None) -> BatchReport:
         """Collect one dynamic batch (waiting up to ``block_ms`` for the first message) and
         process it. Returns what happened (``read == 0`` when idle)."""
-        messages = self._collect(block_ms if block_ms is not None else self.cfg.read_block_ms)
-        if not messages:
-            self._update_queue_gauges()
+        batch = self._read_batch(block_ms if block_ms is not None else self.cfg.read_block_ms)
+        if batch is None:
             return BatchReport()
         with self._busy:
-            return self.process(messages)
+            return self._finish(batch)
+
+    def _read_batch(self, block_ms: int) -> _Batch | None:
+        """Collect a dynamic batch and decode its first deliveries (None when idle). Runs on
+        the prefetch thread in :meth:`run`, in line in :meth:`run_once`."""
+        read_at = time.monotonic()
+        messages = self._collect(block_ms)
+        if not messages:
+            self._update_queue_gauges()
+            return None
+        return self._read_ahead(messages, read_at)
+
+    def _read_ahead(self, messages: Sequence[Message], read_at: float) -> _Batch:
+        fresh = [m for m in messages if m.deliveries <= 1]
+        return _Batch(
+            self._decode_batch(fresh) if fresh else None,
+            [m for m in messages if m.deliveries > 1],
+            read_at,
+        )
+
+    def _may_reclaim(self, now: float) -> bool:
+        """Whether reclaiming stuck deliveries is safe now: never while this worker's own
+        in-flight batch (read ahead of it) is old enough to look stuck itself."""
+        since = self._in_flight_since
+        return since is None or now - since < self.cfg.claim_idle_ms / 2000
 
     def _collect(self, block_ms: int) -> list[Message]:
         size = self.cfg.batch_size
@@ -212,7 +288,7 @@ class Worker:
         if len(messages) < size and now >= self._next_dead_check:  # crashed peers' work
             self._next_dead_check = now + self.cfg.heartbeat_interval_s
             messages += self.queue.reclaim_dead(self.consumer, size - len(messages))
-        if len(messages) < size and now >= self._next_claim:  # stuck deliveries
+        if len(messages) < size and now >= self._next_claim and self._may_reclaim(now):
             want = size - len(messages)
             claimed = self.queue.reclaim(self.consumer, self.cfg.claim_idle_ms, want)
             # a full batch means there may be more: claim again next round, not next tick
@@ -246,51 +322,85 @@ class Worker:
         alone (each counted durably before it starts, so a crash alone counts), or when it
         failed alone that often. Innocent batch-mates of a crash are never dead-lettered.
         """
-        fresh = [m for m in messages if m.deliveries <= 1]
-        report = self._process_batch(fresh) if fresh else BatchReport()
-        for m in messages:
-            if m.deliveries <= 1:
-                continue
-            solo = self.queue.mark_solo(m)
+        return self._finish(self._read_ahead(messages, time.monotonic()))
+
+    def _finish(self, batch: _Batch) -> BatchReport:
+        """Encode and write the decoded first deliveries, then try each redelivery alone."""
+        report = self._encode_batch(batch.fresh) if batch.fresh is not None else BatchReport()
+        for m in batch.redelivered:
+            solo = self.queue.mark_solo(m)  # counted durably before the try starts
             if solo > self.cfg.max_deliveries:
                 one = BatchReport(read=1)
                 reason = m.last_error or "the worker crashed while processing it alone"
                 self._dead_letter(m, one, f"{reason} ({solo - 1} tries alone)")
             else:
-                one = self._process_batch([m])
+                one = self._encode_batch(self._decode_batch([m]))
             _merge(report, one)
         self._observe(report)
         return report
 
-    def _process_batch(self, messages: Sequence[Message]) -> BatchReport:
-        """Decode, encode, write, then mark and ack one batch of messages."""
-        report = BatchReport(read=len(messages))
+    def _decode_batch(self, messages: Sequence[Message]) -> _Decoded:
+        """Mark ``encoding``, decode every item (the decode pool), sort out bad media, and
+        decode the first chunk of videos. Everything but the encode, so it can run ahead."""
         live = list(messages)
+        out = _Decoded(BatchReport(read=len(live)))
         self.jobs.set_states(ItemUpdate(m.job_id, _item_id(m), "encoding") for m in live)
+        decoded = self._sort_out(live, self._map(self._decode, live), out)
+        out.work = [w for w in decoded if w.modality != "video"]
+        videos = [w for w in decoded if w.modality == "video"]
+        out.video_chunks = _chunks_by_frames(videos, self.ingest, self.cfg.video_frame_budget)
+        if out.video_chunks:
+            # Unchanged content is settled when the batch is encoded (after the batch before
+            # it is written); here it only spares decoding the videos that look unchanged.
+            first = out.video_chunks[0]
+            known = self._unchanged(first)
+            out.video_chunks[0] = self._sort_out(
+                [w.msg for w in first], self._load_chunk(first, skip=known), out
+            )
+        return out
 
-        done: list[Message] = []  # to ack once the job state is recorded
-        updates: list[ItemUpdate] = []
-        work: list[_Work] = []
-        for m, result in zip(live, self._map(self._decode, live), strict=True):
+    def _unchanged(self, work: Sequence[_Work]) -> set[str]:
+        """Ids whose stored content hash is already this content's."""
+        known = self.sink.known_hashes([w.item_id for w in work]) if work else {}
+        return {w.item_id for w in work if known.get(w.item_id) == (w.modality, w.digest)}
+
+    def _load_chunk(self, chunk: Sequence[_Work], skip: Set[str] = frozenset()) -> list[Any]:
+        """Decode a chunk's probed videos (decode pool): one decoded ``_Work`` or exception per
+        item; those decoded already, or in ``skip``, pass as they are."""
+        todo = [w for w in chunk if isinstance(w.content, _PendingVideo) and w.item_id not in skip]
+        loaded = dict(zip((id(w) for w in todo), self._map(self._load_video, todo), strict=True))
+        return [loaded.get(id(w), w) for w in chunk]
+
+    def _sort_out(
+        self, messages: Sequence[Message], results: Sequence[Any], batch: _Decoded
+    ) -> list[_Work]:
+        """Decoded items pass; bad media fails its item now; other errors retry it later."""
+        ok: list[_Work] = []
+        for m, result in zip(messages, results, strict=True):
             if isinstance(result, MediaError):
-                self._fail(m, str(result), updates, done, report)
+                self._fail(m, str(result), batch.updates, batch.done, batch.report)
             elif isinstance(result, Exception):  # unexpected: retry, then dead-letter
                 logger.error("decoding item %s of job %s failed: %r", _item_id(m), m.job_id, result)
-                self._retry(m, f"decode error: {result!r}", report)
+                self._retry(m, f"decode error: {result!r}", batch.report)
             else:
-                work.append(result)
+                ok.append(result)
+        return ok
 
-        known = self.sink.known_hashes([w.item_id for w in work]) if work else {}
-        todo = []
-        for w in work:
-            if known.get(w.item_id) == (w.modality, w.digest):
-                updates.append(ItemUpdate(w.msg.job_id, w.item_id, "indexed"))
-                done.append(w.msg)
-                report.unchanged += 1
-            else:
-                todo.append(w)
-
-        records, written = self._encode(todo, updates, done, report)
+    def _encode_batch(self, batch: _Decoded) -> BatchReport:
+        """Skip unchanged content, encode the rest, write, then mark and ack the batch."""
+        report, updates, done = batch.report, batch.updates, batch.done
+        unchanged = self._unchanged(batch.work + [w for c in batch.video_chunks for w in c])
+        if unchanged:
+            for w in batch.work + [w for c in batch.video_chunks for w in c]:
+                if w.item_id in unchanged:
+                    updates.append(ItemUpdate(w.msg.job_id, w.item_id, "indexed"))
+                    done.append(w.msg)
+                    report.unchanged += 1
+            batch.work = [w for w in batch.work if w.item_id not in unchanged]
+            batch.video_chunks = [
+                [w for w in c if w.item_id not in unchanged] for c in batch.video_chunks
+            ]
+        records, written = self._encode(batch)
         if written:
             try:
                 self.sink.write(records)
@@ -313,51 +423,50 @@ class Worker:
 
     def _decode(self, m: Message) -> _Work:
         resolved = media.resolve_item(m.item, self.ingest)  # the route hashes the same way
+        digest = resolved.content_hash
         if resolved.text is not None:
-            return _Work(m, "text", resolved.text, resolved.content_hash)
+            return _Work(m, "text", resolved.text, digest, self.thumbnails.render(resolved.text))
         assert resolved.raw is not None
-        content: Any
         if resolved.modality == "image":
-            content = media.load_image(resolved.raw, self.ingest)
-        else:  # checked now, decoded at encode time (see _encode)
-            content = _PendingVideo(resolved.raw, media.probe_video(resolved.raw, self.ingest))
-        return _Work(m, resolved.modality, content, resolved.content_hash)
+            image = media.load_image(resolved.raw, self.ingest)
+            preview = self.thumbnails.render(image)  # from the full-size image
+            return _Work(m, "image", self._fit(image), digest, preview)
+        # checked now, decoded a chunk at a time under the frame budget (_load_video)
+        pending = _PendingVideo(resolved.raw, media.probe_video(resolved.raw, self.ingest))
+        return _Work(m, "video", pending, digest)
 
-    def _encode(
-        self,
-        todo: list[_Work],
-        updates: list[ItemUpdate],
-        done: list[Message],
-        report: BatchReport,
-    ) -> tuple[dict[str, list[Record]], list[_Work]]:
+    def _encode(self, batch: _Decoded) -> tuple[dict[str, list[Record]], list[_Work]]:
         records: dict[str, list[Record]] = {}
         written: list[_Work] = []
         for modality in ("text", "image"):
-            group = [w for w in todo if w.modality == modality]
+            group = [w for w in batch.work if w.modality == modality]
             if group:
-                self._encode_group(modality, group, records, written, report)
-        # Videos are decoded here, a chunk at a time under a frame budget, so a batch of long
-        # clips never holds all their frames at once.
-        videos = [w for w in todo if w.modality == "video"]
-        for chunk in _chunks_by_frames(videos, self.ingest, self.cfg.video_frame_budget):
-            decoded = []
-            for w, result in zip(chunk, self._map(self._load_video, chunk), strict=True):
-                if isinstance(result, MediaError):
-                    self._fail(w.msg, str(result), updates, done, report)
-                elif isinstance(result, Exception):
-                    logger.error("decoding video %s failed: %r", w.item_id, result)
-                    self._retry(w.msg, f"decode error: {result!r}", report)
-                else:
-                    w.content = result
-                    decoded.append(w)
+                self._encode_group(modality, group, records, written, batch.report)
+        # Videos are decoded a chunk at a time under a frame budget, so a batch of long clips
+        # never holds all their frames at once; chunk i + 1 decodes while chunk i encodes.
+        chunks = batch.video_chunks
+        ahead: Future[list[Any]] | None = None
+        for i, chunk in enumerate(chunks):
+            # chunk 0 was decoded with the batch (what is left of it decodes now)
+            results = self._load_chunk(chunk) if ahead is None else ahead.result()
+            decoded = self._sort_out([w.msg for w in chunk], results, batch)
+            ahead = None
+            if i + 1 < len(chunks):
+                ahead = self._ahead.submit(self._load_chunk, chunks[i + 1])
             if decoded:
-                self._encode_group("video", decoded, records, written, report)
-            for w in chunk:
+                self._encode_group("video", decoded, records, written, batch.report)
+            for w in decoded:
                 w.content = None  # drop the frames: the vectors are in the records
         return records, written
 
-    def _load_video(self, w: _Work) -> DecodedVideo:
-        return media.load_video(w.content.raw, self.ingest)
+    def _load_video(self, w: _Work) -> _Work:
+        """Decode a probed video: its thumbnails from the frames as sampled, then every frame
+        fitted to the model's input."""
+        video = media.load_video(w.content.raw, self.ingest)
+        preview = self.thumbnails.render(video)
+        for segment in video.segments:
+            segment.frames = [self._fit(f) for f in segment.frames]
+        return replace(w, content=video, preview=preview)
 
     def _encode_group(
         self,
@@ -388,7 +497,7 @@ class Worker:
             segments = None
             if isinstance(w.content, DecodedVideo) and not self.model.is_set_model:
                 segments = w.content.spans  # one vector per segment
-            self.thumbnails.save(w.item_id, w.content)
+            self.thumbnails.put(w.item_id, w.preview)
             metadata = w.msg.item.get("metadata") or {}
             records.setdefault(modality, []).append(
                 Record(w.item_id, vecs, dict(metadata), w.digest, segments)

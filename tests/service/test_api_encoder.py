@@ -82,6 +82,59 @@ def test_without_a_wait_queries_that_queue_during_a_call_form_the_next_batch(mod
     assert counting.batches == [1, 9]
 
 
+def test_follow_up_runs_in_the_encode_thread_and_fails_alone(model: Any) -> None:
+    """``then`` (the search) runs on the encode's own pool thread for a query encoded alone
+    (one thread hop per idle search); in a batch each gets its own ``then(row)`` on the pool,
+    and a follow-up that raises fails only its caller."""
+    gate = threading.Event()
+    counting = _Counting(model, gate)
+    threads: dict[str, int] = {}
+    real = counting.embed_texts
+
+    def embed(texts: list[str]) -> np.ndarray:
+        threads.setdefault("encode", threading.get_ident())
+        return real(texts)
+
+    counting.embed_texts = embed  # type: ignore[method-assign]
+
+    def follow(tag: str) -> Any:
+        def then(row: np.ndarray) -> tuple[str, np.ndarray]:
+            threads.setdefault(tag, threading.get_ident())
+            if tag == "bad":
+                raise ValueError("search failed")
+            return tag, row
+
+        return then
+
+    async def main() -> tuple[Any, list[Any]]:
+        with ThreadPoolExecutor(4) as pool:
+            enc = QueryEncoder(counting, pool, max_batch=32, wait_ms=0)
+            enc.start()
+            try:
+                first = asyncio.ensure_future(enc.encode_text("first", follow("first")))
+                await asyncio.sleep(0.1)  # dispatched alone; held on the gate
+                rest = [
+                    asyncio.ensure_future(enc.encode_text(t, follow(t))) for t in ("a", "bad", "b")
+                ]
+                await asyncio.sleep(0.05)
+                gate.set()
+                return await first, await asyncio.gather(*rest, return_exceptions=True)
+            finally:
+                gate.set()
+                await enc.stop()
+
+    first, rest = asyncio.run(main())
+    assert counting.batches == [1, 3]
+    assert threads["first"] == threads["encode"]  # same thread: no second hop
+    expected = model.embed_texts(["first", "a", "b"])
+    assert first[0] == "first"
+    np.testing.assert_allclose(first[1], expected[0], atol=1e-5)
+    assert rest[0][0] == "a" and rest[2][0] == "b"
+    np.testing.assert_allclose(rest[0][1], expected[1], atol=1e-5)
+    np.testing.assert_allclose(rest[2][1], expected[2], atol=1e-5)
+    assert isinstance(rest[1], ValueError) and "search failed" in str(rest[1])
+
+
 def test_batch_cap_and_overload_and_errors(model: Any) -> None:
     gate = threading.Event()
     counting = _Counting(model, gate)
@@ -145,3 +198,21 @@ def test_openapi_documents_every_route(tmp_path: Path) -> None:
     assert "text" in body["application/json"]["schema"]["properties"]
     assert spec["paths"]["/ingest"]["post"]["responses"]["413"]["content"]
     assert "ErrorResponse" in spec["components"]["schemas"]
+
+
+def test_the_pool_searches_on_one_openmp_thread(tmp_path: Path) -> None:
+    """index.search_threads applies on every pool thread (the OpenMP setting is per thread:
+    the thread that set it is the only one that gets it)."""
+    import faiss
+
+    from index.vector_index import set_search_threads
+
+    app = create_app(make_settings(tmp_path, model={"threads": 3}))
+    pool = app.state.xmodal.executor
+    seen = {pool.submit(lambda: (threading.get_ident(), faiss.omp_get_max_threads())).result()}
+    assert {n for _, n in seen} == {1}
+    with ThreadPoolExecutor(1) as other:  # a thread that did not set it keeps the default
+        default = other.submit(faiss.omp_get_max_threads).result()
+        set_search_threads(0)  # 0 leaves it alone
+        assert other.submit(faiss.omp_get_max_threads).result() == default
+    pool.shutdown()
