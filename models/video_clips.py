@@ -205,7 +205,8 @@ def render_frames(plan: ClipPlan, paths: dict[str, Path], fps: int = FPS) -> lis
 
 
 def _encode_mp4(frames: list[Image.Image], path: Path, fps: int) -> None:
-    """H.264 (yuv420p) in MP4 via PyAV; one encoder thread, so the bytes are reproducible."""
+    """H.264 (yuv420p) in MP4 via PyAV, one encoder thread. The frames are deterministic; the
+    encoded bytes of a rebuild can still differ slightly (seen with libx264 in one process)."""
     import av
 
     tmp = path.with_name(f".{path.name}.tmp")
@@ -214,6 +215,9 @@ def _encode_mp4(frames: list[Image.Image], path: Path, fps: int) -> None:
         stream.width, stream.height = SIZE
         stream.pix_fmt = "yuv420p"
         stream.time_base = Fraction(1, fps)
+        # PyAV sets the codec's thread count itself when it opens it (overriding a "threads"
+        # option), so both are pinned: several x264 threads made the bytes vary with load.
+        stream.codec_context.thread_count = 1
         stream.codec_context.options = {"crf": str(CRF), "preset": "veryfast", "threads": "1"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_image(frame)):
