@@ -586,6 +586,21 @@ def _fit(cfg: TrainConfig, run: _Run) -> Path:
     return out / "best.safetensors"
 
 
+def start_run(cfg: Any, config_file: str) -> tuple[np.random.Generator, Path]:
+    """Threads, seeds and run folder of a training run (``cfg``: ``num_threads``, ``seed``,
+    ``out_dir``); writes ``cfg`` as ``config_file`` there. Returns the numpy generator and
+    the folder."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / config_file).write_text(cfg.model_dump_json(indent=2))
+    return rng, out
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train the heads of ``cfg.model`` and return the path of the best dev checkpoint."""
     from models.checkpoint import load_state_into, read_checkpoint
@@ -597,14 +612,7 @@ def train(cfg: TrainConfig) -> Path:
         )
     if cfg.finetune_backbone:
         return train_finetune(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+    rng, out = start_run(cfg, "train_config.json")
 
     model = _build_model(cfg)
     model_cfg = model.config

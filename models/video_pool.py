@@ -349,17 +349,11 @@ def train_video_pool(
     best one can be exported and shipped as is (``xmodal export``).
     """
     from models.checkpoint import save_checkpoint
-    from models.train import _fit, _loss, _Run
+    from models.train import _fit, _loss, _Run, start_run
 
     if model.video_pool is None:
         raise ValueError(f"model {model.name!r} has no video GPO (set video.pooling 'gpo')")
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "video_train_config.json").write_text(cfg.model_dump_json(indent=2))
+    rng, out = start_run(cfg, "video_train_config.json")
     model.to(cfg.device)
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("video_pool."))
