@@ -4,15 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.xmodal-installed
 # The torch build that installs offline on our CI machines; override with TORCH_PIN= to skip.
+# The runtime dependencies install at the versions the images pin (docker/constraints.txt), so
+# a fresh checkout tests what ships, not whatever the registry has newest that day.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup run test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml docker/constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(if $(TORCH_PIN),$(BIN)/python -m pip install -q $(TORCH_PIN))
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c docker/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
