@@ -626,14 +626,15 @@ def train(cfg: TrainConfig) -> Path:
     train_feats = train_feats.in_memory()  # random access; ~0.75 GB for Flickr8k at lite0/224
 
     resuming = cfg.resume and (out / "train_state.pt").exists()
-    if not resuming and cfg.init_from is not None:
-        init_from_checkpoint(model, cfg.init_from)
-    elif not resuming:
-        warm_start_gpo(model, _max_length(train_feats))
+    if not resuming:  # a resumed run's weights come from its own last checkpoint
+        if cfg.init_from is not None:
+            init_from_checkpoint(model, cfg.init_from)
+        else:
+            warm_start_gpo(model, _max_length(train_feats))
     # Tuned backbone blocks (`tune_blocks`) learn at lr * backbone_lr_scale, the heads at lr.
     optimizer = _optimizer(model, cfg)
     resumed: dict[str, Any] = {}
-    if cfg.resume and (out / "train_state.pt").exists():
+    if resuming:
         state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=False)
         _, weights, backbones, _ = read_checkpoint(out / "last.safetensors")
         load_state_into(model, weights, backbones, out / "last.safetensors")
