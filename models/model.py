@@ -152,6 +152,13 @@ def frame_picks(n: int, max_frames: int) -> np.ndarray:
     return np.linspace(0, n - 1, max_frames).round().astype(np.int64)
 
 
+def _mean_video_gpo(head: HeadConfig) -> GPOPool:
+    """A video GPO (over the time axis) that pools exactly like the mean until trained."""
+    pool = GPOPool(head)
+    init_mean_pooling(pool.gpo)
+    return pool
+
+
 @contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     was_training = module.training
@@ -218,10 +225,9 @@ class XModal(nn.Module):
             self.text_pool = _build_pool(head, d, pos_enc=True)  # DivE encodes text positions
             # Video GPO over the time axis; untrained it pools exactly like the mean
             # (`init_mean_pooling`), so a fresh one is never worse than mean pooling.
-            self.video_pool: GPOPool | None = None
-            if config.video.pooling == "gpo":
-                self.video_pool = GPOPool(head)
-                init_mean_pooling(self.video_pool.gpo)
+            self.video_pool: GPOPool | None = (
+                _mean_video_gpo(head) if config.video.pooling == "gpo" else None
+            )
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -339,8 +345,7 @@ class XModal(nn.Module):
         self.config = self.config.model_copy(update={"video": video})
         with torch.random.fork_rng(devices=[]):  # the same GRU init in every process
             torch.manual_seed(self.config.seed)
-            pool = GPOPool(self.config.head)
-        init_mean_pooling(pool.gpo)
+            pool = _mean_video_gpo(self.config.head)
         self.video_pool = pool.to(self.device, self.dtype)
 
     def pool_frames(
