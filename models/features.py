@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from models.data import CaptionDataset
@@ -39,6 +39,7 @@ __all__ = [
     "extract_text_features",
     "image_cache_dir",
     "load_features",
+    "load_mirrored_image",
     "pad_tokens",
     "text_cache_dir",
 ]
@@ -70,16 +71,21 @@ def image_cache_dir(
     mean: Sequence[float] = (),
     std: Sequence[float] = (),
     tune_blocks: int = 0,
+    mirrored: bool = False,
 ) -> Path:
     """Folder of the image-feature cache for ``ds`` under ``root``.
 
     The pixel normalisation (``mean``/``std``) is part of the key: the same backbone fed
     differently normalised pixels gives different features. So is the cut point: with
-    ``tune_blocks`` > 0 the cache holds the trunk's output below the tuned blocks.
+    ``tune_blocks`` > 0 the cache holds the trunk's output below the tuned blocks. A
+    ``mirrored`` cache holds the features of the horizontally flipped photos (flip
+    augmentation), in the same row order.
     """
     norm = hashlib.sha1(repr((tuple(mean), tuple(std))).encode()).hexdigest()[:6]
     cut = f"-cut{tune_blocks}" if tune_blocks else ""
-    key = f"img-{_slug(backbone)}-{image_size}-n{norm}{cut}-{ds.split}-{ds.image_fingerprint()}"
+    flip = "-flip" if mirrored else ""
+    split = f"{ds.split}-{ds.image_fingerprint()}"
+    key = f"img-{_slug(backbone)}-{image_size}-n{norm}{cut}{flip}-{split}"
     return Path(root) / _slug(ds.name) / key
 
 
@@ -115,6 +121,11 @@ def _resume_point(out: Path, total: int) -> int:
 def _load_image(path: Path) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def load_mirrored_image(path: Path) -> Image.Image:
+    """The photo at ``path``, flipped left to right (the loader of a mirrored cache)."""
+    return ImageOps.mirror(_load_image(path))
 
 
 @torch.no_grad()

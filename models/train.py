@@ -54,11 +54,12 @@ from models.features import (
     extract_text_features,
     image_cache_dir,
     load_features,
+    load_mirrored_image,
     text_cache_dir,
 )
 from models.losses import hinge, mmd_loss, uniformity_loss
 
-__all__ = ["TrainConfig", "drop_features", "load_split_features", "train"]
+__all__ = ["TrainConfig", "drop_features", "flip_some", "load_split_features", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ class TrainConfig(BaseModel):
     # Size augmentation: fraction of grid / token features dropped per training item.
     image_drop: float = Field(0.2, ge=0.0, lt=1.0)
     token_drop: float = Field(0.2, ge=0.0, lt=1.0)
+    # Flip augmentation: probability that a training photo is replaced by its mirror image
+    # (the trunk features of the flipped photo, cached once beside the plain ones; the tuned
+    # top and the heads see real mirrored inputs). 0 = off (no mirrored cache is extracted).
+    image_flip: float = Field(0.0, ge=0.0, le=1.0)
     # Set models (DivE): weights of the MMD and uniformity regularisers.
     mmd_weight: float = 0.01
     unif_weight: float = 0.01
@@ -154,21 +159,30 @@ def load_split_features(
     cache_dir: Path,
     device: str = "cpu",
     progress: bool = True,
+    mirrored: bool = False,
 ) -> CachedFeatures:
-    """Cached backbone features of ``ds`` for ``model_cfg``'s towers (extracted on first use)."""
+    """Cached backbone features of ``ds`` for ``model_cfg``'s towers (extracted on first use).
+
+    With ``mirrored`` the image features are those of the horizontally flipped photos.
+    """
     from models.backbones import build_image_backbone, build_text_backbone
 
     icfg = model_cfg.image
     img_dir = image_cache_dir(
-        cache_dir, ds, icfg.backbone, icfg.image_size, icfg.mean, icfg.std, icfg.tune_blocks
-    )
+        cache_dir, ds, icfg.backbone, icfg.image_size, icfg.mean, icfg.std, icfg.tune_blocks,
+        mirrored,
+    )  # fmt: skip
     tcfg = model_cfg.text
     txt_dir = text_cache_dir(cache_dir, ds, tcfg.backbone, tcfg.max_length, tcfg.tune_layers)
     if not (img_dir / "meta.json").exists():
         backbone = build_image_backbone(icfg).to(device).eval()
         # The cache holds what the frozen trunk gives (the grid itself when nothing is tuned).
         trunk = TrunkView(backbone)
-        extract_image_features(trunk, ds.images, img_dir, device=device, progress=progress)
+        loader = load_mirrored_image if mirrored else None
+        extract_image_features(
+            trunk, ds.images, img_dir, device=device, progress=progress,
+            **({"loader": loader} if loader else {}),
+        )  # fmt: skip
         del backbone, trunk
     if not (txt_dir / "meta.json").exists():
         tbackbone = build_text_backbone(tcfg).to(device).eval()
@@ -232,6 +246,17 @@ def drop_features(
     out = out * (pos < new_len[:, None])[:, :, None].to(out.dtype)
     width = int(new_len.max())
     return out[:, :width], new_len
+
+
+def flip_some(
+    feats: Tensor, mirrored: Tensor, p: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Each item of ``feats`` replaced by its ``mirrored`` row with probability ``p``
+    (flip augmentation on cached features: both ``[b, N, C]``, rows aligned)."""
+    if p <= 0:
+        return feats
+    pick = torch.rand(feats.shape[0], generator=generator) < p
+    return torch.where(pick[:, None, None].to(feats.device), mirrored, feats)
 
 
 def _epoch_batches(
@@ -624,6 +649,11 @@ def train(cfg: TrainConfig) -> Path:
     train_feats = load_split_features(train_ds, model_cfg, cfg.cache_dir, cfg.device, cfg.progress)
     dev_feats = load_split_features(dev_ds, model_cfg, cfg.cache_dir, cfg.device, cfg.progress)
     train_feats = train_feats.in_memory()  # random access; ~0.75 GB for Flickr8k at lite0/224
+    mirror_feats = None
+    if cfg.image_flip > 0:
+        mirror_feats = load_split_features(
+            train_ds, model_cfg, cfg.cache_dir, cfg.device, cfg.progress, mirrored=True
+        ).in_memory()
 
     resuming = cfg.resume and (out / "train_state.pt").exists()
     if not resuming:  # a resumed run's weights come from its own last checkpoint
@@ -661,6 +691,8 @@ def train(cfg: TrainConfig) -> Path:
             owner = torch.from_numpy(inverse.reshape(-1)).to(cfg.device)
         dev_ = cfg.device
         x, xn = train_feats.images(img_idx)
+        if mirror_feats is not None:
+            x = flip_some(x, mirror_feats.images(img_idx)[0], cfg.image_flip, gen)
         t, tn = train_feats.texts(cap_idx)
         x, xn = model.image_top(x.to(dev_), xn.to(dev_))  # tuned backbone blocks, if any
         t, tn = model.text_top(t.to(dev_), tn.to(dev_))

@@ -36,6 +36,7 @@ _FIELDS = {
     "epoch_mode": "epoch_mode",
     "image_drop": "image_drop",
     "token_drop": "token_drop",
+    "image_flip": "image_flip",
     "sampler": "sampler",
     "sampler_lambda": "sampler_lambda",
     "sampler_negatives": "sampler_negatives",
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-mode", choices=["one_per_image", "all", "grouped"])
     p.add_argument("--image-drop", type=float)
     p.add_argument("--token-drop", type=float)
+    p.add_argument(
+        "--image-flip", type=float, help="probability of a training photo's mirror image (0: off)"
+    )
     p.add_argument("--sampler", choices=["in_batch", "adaptive"])
     p.add_argument("--sampler-lambda", type=float)
     p.add_argument("--sampler-negatives", type=int)
