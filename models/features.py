@@ -39,6 +39,7 @@ __all__ = [
     "extract_text_features",
     "image_cache_dir",
     "load_features",
+    "load_image",
     "load_mirrored_image",
     "pad_tokens",
     "text_cache_dir",
@@ -118,14 +119,15 @@ def _resume_point(out: Path, total: int) -> int:
     return done if shape[0] == total and 0 < done <= total else 0
 
 
-def _load_image(path: Path) -> Image.Image:
+def load_image(path: Path) -> Image.Image:
+    """The photo at ``path`` as RGB (the default loader of an image cache)."""
     with Image.open(path) as im:
         return im.convert("RGB")
 
 
 def load_mirrored_image(path: Path) -> Image.Image:
     """The photo at ``path``, flipped left to right (the loader of a mirrored cache)."""
-    return ImageOps.mirror(_load_image(path))
+    return ImageOps.mirror(load_image(path))
 
 
 @torch.no_grad()
@@ -135,7 +137,7 @@ def extract_image_features(
     out_dir: str | Path,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
-    loader: Callable[[Path], Image.Image] = _load_image,
+    loader: Callable[[Path], Image.Image] = load_image,
     progress: bool = True,
 ) -> Path:
     """Run ``backbone`` over ``images`` and store its grid features in ``out_dir`` (fp16).

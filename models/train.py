@@ -54,6 +54,7 @@ from models.features import (
     extract_text_features,
     image_cache_dir,
     load_features,
+    load_image,
     load_mirrored_image,
     text_cache_dir,
 )
@@ -178,11 +179,10 @@ def load_split_features(
         backbone = build_image_backbone(icfg).to(device).eval()
         # The cache holds what the frozen trunk gives (the grid itself when nothing is tuned).
         trunk = TrunkView(backbone)
-        loader = load_mirrored_image if mirrored else None
+        loader = load_mirrored_image if mirrored else load_image
         extract_image_features(
-            trunk, ds.images, img_dir, device=device, progress=progress,
-            **({"loader": loader} if loader else {}),
-        )  # fmt: skip
+            trunk, ds.images, img_dir, device=device, loader=loader, progress=progress
+        )
         del backbone, trunk
     if not (txt_dir / "meta.json").exists():
         tbackbone = build_text_backbone(tcfg).to(device).eval()
