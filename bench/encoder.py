@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         export_s = time.perf_counter() - t0
         engines: dict[str, Any] = {"fast": fast}
         if bf16_skipped is None:
-            engines["bf16"] = OpenVinoBf16Encoder(model, fast.folder.parent, args.threads)
+            graphs = (fast.folder / "image.onnx", fast.folder / "text.onnx")
+            engines["bf16"] = OpenVinoBf16Encoder(*graphs, threads=args.threads)
 
         with torch.no_grad():
             eager_img = torch.cat([model.encode_image(x) for x in pixels]).numpy()

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from models.runtime_bf16 import OpenVinoBf16Encoder, bf16_unavailable
+
 if TYPE_CHECKING:
     from models.model import XModal
 
@@ -201,12 +203,13 @@ def enable_onnx(
         logger.info("onnx fast path off: the model runs on %s/%s", model.device, model.dtype)
         return False
     if precision == "bf16":
-        from models.runtime_bf16 import OpenVinoBf16Encoder, bf16_unavailable
-
         why = bf16_unavailable()
         if why is None:
             try:
-                model.runtime = OpenVinoBf16Encoder(model.eval(), cache_dir, threads)
+                folder = export_graphs(model.eval(), cache_dir)
+                model.runtime = OpenVinoBf16Encoder(
+                    folder / IMAGE_GRAPH, folder / TEXT_GRAPH, threads
+                )
                 return True
             except Exception:
                 logger.exception("openvino bf16 engine failed: trying float32 onnx runtime")

@@ -1,12 +1,13 @@
 """The opt-in bfloat16 CPU path: the exported graphs run by OpenVINO on AMX tiles.
 
-    image.onnx / text.onnx (models/runtime.export_graphs) -> OpenVINO CPU, bf16 inference
+    image.onnx / text.onnx (exported by models/runtime.export_graphs) -> OpenVINO CPU, bf16
 
 On a CPU with AMX-BF16 (Intel Xeon Sapphire Rapids and later) this encodes photos ~1.8x faster
 than float32 ONNX Runtime (docs/BENCHMARKS.md), but bf16 keeps 8 bits of mantissa, so outputs
 differ from eager float32 by ~1e-1 of the largest component (not the 1e-3 of the default path)
 while the retrieval metrics barely move; hence opt-in (``XMODAL_MODEL__PRECISION=bf16``).
-openvino is an optional dependency (``pip install 'xmodal[openvino]'``).
+openvino is an optional dependency (``pip install 'xmodal[openvino]'``). A leaf module: it
+reads graph files, so models.runtime (which exports them and picks the engine) imports it.
 """
 
 from __future__ import annotations
@@ -14,16 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
-
-from models.runtime import IMAGE_GRAPH, TEXT_GRAPH, Precision, export_graphs
-
-if TYPE_CHECKING:
-    from models.model import XModal
 
 logger = logging.getLogger(__name__)
 
@@ -61,27 +57,25 @@ class OpenVinoBf16Encoder:
     bfloat16 (thread-safe: each calling thread gets its own infer requests).
 
     Args:
-        model: the eager model (CPU, eval mode); its graphs are exported once and cached.
-        cache_dir: where exported graphs live, one folder per weights hash.
+        image_graph, text_graph: the exported ``image.onnx`` and ``text.onnx``.
         threads: inference threads (default: torch's CPU thread count).
     """
 
-    precision: Precision = "bf16"
+    precision: Literal["bf16"] = "bf16"
 
-    def __init__(self, model: XModal, cache_dir: Path, threads: int | None = None) -> None:
+    def __init__(self, image_graph: Path, text_graph: Path, threads: int | None = None) -> None:
         import openvino as ov
 
-        self.folder = export_graphs(model, cache_dir)
         config = {
             "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "bf16",
         }
         core = ov.Core()
-        self.image = core.compile_model(str(self.folder / IMAGE_GRAPH), "CPU", config)
-        self.text = core.compile_model(str(self.folder / TEXT_GRAPH), "CPU", config)
+        self.image = core.compile_model(str(image_graph), "CPU", config)
+        self.text = core.compile_model(str(text_graph), "CPU", config)
         self._local = threading.local()
-        logger.info("openvino bf16 engine on %s", self.folder)
+        logger.info("openvino bf16 engine on %s", image_graph.parent)
 
     def _request(self, which: str) -> Any:
         request = getattr(self._local, which, None)
