@@ -5,15 +5,21 @@
 Prints ``{"eager_images_per_s", "fast_images_per_s", "speedup", "max_rel_error",
 "eager_captions_per_s", "fast_captions_per_s", "text_speedup", ...}``. Both engines get the
 same threads and the same preprocessed pixels / tokens (preprocessing is not timed), and run
-interleaved (eager, fast, eager, fast, ...) so machine noise hits both alike. The model's FLOPs
-per image (torch's FlopCounterMode) against a large matmul's FLOP/s on the same threads say
-how close the fast path is to this CPU's peak.
+interleaved (eager, fast, eager, fast, ...) so machine noise hits both alike. "fast" is the
+default path (float32 ONNX Runtime). Where the CPU has AMX-BF16 and openvino is installed, the
+opt-in bf16 path (``XMODAL_MODEL__PRECISION=bf16``, OpenVINO) runs in the same rotation as
+``bf16_*`` keys; else ``bf16_skipped`` says why.
+
+The model's FLOPs per image (torch's FlopCounterMode) against a large float32 matmul's FLOP/s
+on the same threads, and, on an AMX CPU, a bfloat16 matmul's (oneDNN on AMX tiles: the CPU's
+real peak), say how close each path is to this CPU's peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -28,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from models import create_model  # noqa: E402
 from models.runtime import OnnxRuntimeEncoder  # noqa: E402
+from models.runtime_bf16 import OpenVinoBf16Encoder, bf16_unavailable  # noqa: E402
 
 
 def load_real(data: Path, n_images: int, n_captions: int) -> tuple[list[Any], list[str]]:
@@ -50,8 +57,9 @@ def best_rate(fn: Any, items: int, repeats: int) -> float:
     return items / best
 
 
-def matmul_flops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` ``n``-square matmuls in ``dtype`` (torch's threads)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.matmul(a, b)
     best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(repeats))
     return 2 * n**3 / best
@@ -86,76 +94,113 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     model = create_model(args.model, device="cpu").eval()
-    images, captions = load_real(args.data, args.images, args.captions)
+    images_, captions = load_real(args.data, args.images, args.captions)
     step = args.batch
-    pixels = [model.preprocess(images[i : i + step]) for i in range(0, len(images), step)]
+    pixels = [model.preprocess(images_[i : i + step]) for i in range(0, len(images_), step)]
     toks = []
     for i in range(0, len(captions), 128):
         t = model.tokenize(sorted(captions[i : i + 128], key=len))
         toks.append((t["input_ids"], t["attention_mask"]))
+    bf16_skipped = bf16_unavailable()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         fast = OnnxRuntimeEncoder(model, args.cache_dir or Path(tmp), threads=args.threads)
         export_s = time.perf_counter() - t0
+        engines: dict[str, Any] = {"fast": fast}
+        if bf16_skipped is None:
+            graphs = (fast.folder / "image.onnx", fast.folder / "text.onnx")
+            engines["bf16"] = OpenVinoBf16Encoder(*graphs, threads=args.threads)
 
         with torch.no_grad():
             eager_img = torch.cat([model.encode_image(x) for x in pixels]).numpy()
-        fast_img = torch.cat([fast.encode_image(x) for x in pixels]).numpy()
-        with torch.no_grad():
             eager_txt = torch.cat([model.encode_text(*t) for t in toks]).numpy()
-        fast_txt = torch.cat([fast.encode_text(*t) for t in toks]).numpy()
+        outputs = {
+            name: (
+                torch.cat([e.encode_image(x) for x in pixels]).numpy(),
+                torch.cat([e.encode_text(*t) for t in toks]).numpy(),
+            )
+            for name, e in engines.items()
+        }
 
-        def eager_images() -> None:
-            with torch.no_grad():
-                for x in pixels:
-                    model.encode_image(x)
+        def images(engine: Any) -> Any:
+            def run() -> None:
+                with torch.no_grad():
+                    for x in pixels:
+                        engine.encode_image(x)
 
-        def fast_images() -> None:
-            for x in pixels:
-                fast.encode_image(x)
+            return run
 
-        def eager_texts() -> None:
-            with torch.no_grad():
-                for t in toks:
-                    model.encode_text(*t)
+        def texts(engine: Any) -> Any:
+            def run() -> None:
+                with torch.no_grad():
+                    for t in toks:
+                        engine.encode_text(*t)
 
-        def fast_texts() -> None:
-            for t in toks:
-                fast.encode_text(*t)
+            return run
 
-        rates: dict[str, list[float]] = {k: [] for k in ("ei", "fi", "et", "ft")}
-        for _ in range(args.repeats):  # interleaved: noise hits both engines alike
-            rates["ei"].append(best_rate(eager_images, len(images), 1))
-            rates["fi"].append(best_rate(fast_images, len(images), 1))
-            rates["et"].append(best_rate(eager_texts, len(captions), 1))
-            rates["ft"].append(best_rate(fast_texts, len(captions), 1))
+        runs = {"eager": model, **engines}
+        rates: dict[str, list[float]] = {f"{k}_{m}": [] for k in runs for m in ("img", "txt")}
+        for _ in range(args.repeats):  # interleaved: noise hits every engine alike
+            for name, engine in runs.items():
+                rates[f"{name}_img"].append(best_rate(images(engine), len(images_), 1))
+            for name, engine in runs.items():
+                rates[f"{name}_txt"].append(best_rate(texts(engine), len(captions), 1))
 
     best = {k: max(v) for k, v in rates.items()}
-    peak = matmul_flops(args.threads)
+    peak = matmul_flops(torch.float32)
     per_image = image_flops(model, pixels[0])
 
     def rel(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.abs(a - b).max() / np.abs(b).max())
 
-    out = {
+    def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+        a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        return round(float(cos.min()), 6)
+
+    out: dict[str, Any] = {
         "model": model.name,
         "batch": args.batch,
         "threads": args.threads,
-        "images": len(images),
+        "images": len(images_),
         "captions": len(captions),
-        "eager_images_per_s": round(best["ei"], 1),
-        "fast_images_per_s": round(best["fi"], 1),
-        "speedup": round(best["fi"] / best["ei"], 2),
-        "max_rel_error": rel(fast_img, eager_img),
-        "eager_captions_per_s": round(best["et"], 1),
-        "fast_captions_per_s": round(best["ft"], 1),
-        "text_speedup": round(best["ft"] / best["et"], 2),
-        "text_max_rel_error": rel(fast_txt, eager_txt),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "eager_images_per_s": round(best["eager_img"], 1),
+        "fast_images_per_s": round(best["fast_img"], 1),
+        "speedup": round(best["fast_img"] / best["eager_img"], 2),
+        "max_rel_error": rel(outputs["fast"][0], eager_img),
+        "eager_captions_per_s": round(best["eager_txt"], 1),
+        "fast_captions_per_s": round(best["fast_txt"], 1),
+        "text_speedup": round(best["fast_txt"] / best["eager_txt"], 2),
+        "text_max_rel_error": rel(outputs["fast"][1], eager_txt),
         "export_seconds": round(export_s, 1),
         "image_gflop": round(per_image / 1e9, 3),
         "matmul_gflops": round(peak / 1e9, 1),
-        "fast_share_of_matmul_peak": round(best["fi"] * per_image / peak, 3),
+        "fast_share_of_matmul_peak": round(best["fast_img"] * per_image / peak, 3),
     }
+    if bf16_skipped is None:
+        bf16_peak = matmul_flops(torch.bfloat16, n=4096)
+        out.update(
+            {
+                "bf16_images_per_s": round(best["bf16_img"], 1),
+                "bf16_speedup": round(best["bf16_img"] / best["eager_img"], 2),
+                "bf16_max_rel_error": rel(outputs["bf16"][0], eager_img),
+                "bf16_min_cosine": min_cosine(outputs["bf16"][0], eager_img),
+                "bf16_captions_per_s": round(best["bf16_txt"], 1),
+                "bf16_text_speedup": round(best["bf16_txt"] / best["eager_txt"], 2),
+                "bf16_text_max_rel_error": rel(outputs["bf16"][1], eager_txt),
+                "bf16_text_min_cosine": min_cosine(outputs["bf16"][1], eager_txt),
+                "bf16_matmul_gflops": round(bf16_peak / 1e9, 1),
+                "fast_share_of_bf16_matmul_peak": round(
+                    best["fast_img"] * per_image / bf16_peak, 3
+                ),
+                "bf16_share_of_bf16_matmul_peak": round(
+                    best["bf16_img"] * per_image / bf16_peak, 3
+                ),
+            }
+        )
+    else:
+        out["bf16_skipped"] = bf16_skipped
     if args.json:
         print(json.dumps(out))
     else:

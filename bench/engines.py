@@ -2,8 +2,10 @@
 
 The issue allowed either engine for the fast CPU path. Both run the same ``image.onnx`` (the
 ONNX cache of the shipped model, exported on first serve or by ``bench/encoder.py``) on the
-same batch, interleaved, same thread count; the best of ``--repeats`` runs each. Needs
-``pip install openvino`` (not a dependency of xmodal: it did not measure faster).
+same batch, interleaved, same thread count; the best of ``--repeats`` runs each, both in
+float32. Needs ``pip install 'xmodal[openvino]'`` (an optional extra: in float32 OpenVINO did
+not measure faster; its bf16 mode on AMX CPUs is the opt-in path of models/runtime_bf16.py,
+measured by bench/encoder.py).
 
     python bench/engines.py --batch 64 --threads 2 --repeats 3 --json
 """

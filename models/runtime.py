@@ -8,6 +8,9 @@ cached under ``cache_dir/<model name>-<weights hash>/``; the hash covers the con
 tensor of the state dict, so new weights never meet an old graph. Eager PyTorch stays the
 training path (autograd), the GPU path and the fallback when onnxruntime is absent or an export
 fails. Outputs match eager within float32 rounding (tests/models/test_runtime.py).
+
+``precision="bf16"`` (opt-in, ``XMODAL_MODEL__PRECISION``) runs the same graphs in OpenVINO on
+AMX-BF16 CPUs instead (models/runtime_bf16.py): faster, but only within ~1e-1 of eager.
 """
 
 from __future__ import annotations
@@ -19,18 +22,29 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from models.runtime_bf16 import OpenVinoBf16Encoder, bf16_unavailable
+
 if TYPE_CHECKING:
     from models.model import XModal
 
 logger = logging.getLogger(__name__)
+_export_lock = threading.Lock()
 
-__all__ = ["FORMAT_VERSION", "OnnxRuntimeEncoder", "enable_onnx", "weights_hash"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PRECISIONS",
+    "OnnxRuntimeEncoder",
+    "Precision",
+    "enable_onnx",
+    "export_graphs",
+    "weights_hash",
+]
 
 # Bump when the exported graphs change meaning (inputs, outputs, opset): old caches are ignored.
 FORMAT_VERSION = 1
@@ -104,6 +118,38 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], names: list[str], path:
             os.unlink(tmp)
 
 
+IMAGE_GRAPH, TEXT_GRAPH = "image.onnx", "text.onnx"
+
+# Arithmetic of the CPU fast path: "fp32" (ONNX Runtime; matches eager within 1e-3 relative,
+# the default) or "bf16" (OpenVINO on AMX, models/runtime_bf16.py: ~1e-1 relative, opt-in).
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+
+
+def export_graphs(model: XModal, cache_dir: Path) -> Path:
+    """The folder ``cache_dir/<model name>-<weights hash>/`` holding ``model``'s image and
+    text graphs, exported on the first call for these weights (every engine reads them)."""
+    folder = Path(cache_dir) / f"{model.name}-{weights_hash(model)[:16]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    image_path, text_path = folder / IMAGE_GRAPH, folder / TEXT_GRAPH
+    if image_path.is_file() and text_path.is_file():
+        logger.info("onnx graphs found in %s", folder)
+        return folder
+    size = model.config.image.image_size
+    tokens = model.tokenize(["a dog runs on the beach", "two people"])
+    with torch.no_grad(), _export_lock:
+        if not image_path.is_file():
+            pixels = torch.zeros(2, 3, size, size)
+            _export(_ImageGraph(model), (pixels,), ["pixels"], image_path)
+        if not text_path.is_file():
+            ids, mask = tokens["input_ids"], tokens["attention_mask"]
+            _export(_TextGraph(model), (ids, mask), ["input_ids", "attention_mask"], text_path)
+    meta = {"model": model.name, "format": FORMAT_VERSION, "opset": OPSET}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    logger.info("exported onnx graphs of %s to %s", model.name, folder)
+    return folder
+
+
 class OnnxRuntimeEncoder:
     """ONNX Runtime sessions for one model's image and text encoders (thread-safe: sessions
     may be run from several threads at once).
@@ -114,38 +160,23 @@ class OnnxRuntimeEncoder:
         threads: intra-op threads of each session (default: torch's CPU thread count).
     """
 
+    precision: Precision = "fp32"
+
     def __init__(self, model: XModal, cache_dir: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        self.folder = Path(cache_dir) / f"{model.name}-{weights_hash(model)[:16]}"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        image_path, text_path = self.folder / "image.onnx", self.folder / "text.onnx"
-        self._export_if_missing(model, image_path, text_path)
+        self.folder = export_graphs(model, cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
-        self.image = ort.InferenceSession(str(image_path), options, providers=providers)
-        self.text = ort.InferenceSession(str(text_path), options, providers=providers)
-
-    @staticmethod
-    def _export_if_missing(model: XModal, image_path: Path, text_path: Path) -> None:
-        if image_path.is_file() and text_path.is_file():
-            logger.info("onnx graphs found in %s", image_path.parent)
-            return
-        size = model.config.image.image_size
-        tokens = model.tokenize(["a dog runs on the beach", "two people"])
-        with torch.no_grad(), _export_lock:
-            if not image_path.is_file():
-                pixels = torch.zeros(2, 3, size, size)
-                _export(_ImageGraph(model), (pixels,), ["pixels"], image_path)
-            if not text_path.is_file():
-                ids, mask = tokens["input_ids"], tokens["attention_mask"]
-                _export(_TextGraph(model), (ids, mask), ["input_ids", "attention_mask"], text_path)
-        meta = {"model": model.name, "format": FORMAT_VERSION, "opset": OPSET}
-        (image_path.parent / "meta.json").write_text(json.dumps(meta))
-        logger.info("exported onnx graphs of %s to %s", model.name, image_path.parent)
+        self.image = ort.InferenceSession(
+            str(self.folder / IMAGE_GRAPH), options, providers=providers
+        )
+        self.text = ort.InferenceSession(
+            str(self.folder / TEXT_GRAPH), options, providers=providers
+        )
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         """Pixels `[B,3,H,W]` -> unit embeddings `[B,D]` / `[B,K,D]` (CPU float32)."""
@@ -161,15 +192,29 @@ class OnnxRuntimeEncoder:
         return torch.from_numpy(self.text.run(None, feeds)[0])
 
 
-_export_lock = threading.Lock()
-
-
-def enable_onnx(model: XModal, cache_dir: Path, threads: int | None = None) -> bool:
-    """Serve ``model``'s encoders through ONNX Runtime (``model.runtime``); keep eager on a
-    GPU, without onnxruntime, or when the export fails (logged). Returns whether it is on."""
+def enable_onnx(
+    model: XModal, cache_dir: Path, threads: int | None = None, precision: Precision = "fp32"
+) -> bool:
+    """Serve ``model``'s encoders through the exported graphs (``model.runtime``): ONNX Runtime
+    in float32, or with ``precision="bf16"`` OpenVINO in bfloat16 where the CPU has AMX-BF16
+    and openvino is installed (else, logged, float32 ONNX Runtime). Keep eager on a GPU,
+    without onnxruntime, or when the export fails (logged). Returns whether it is on."""
     if model.device.type != "cpu" or model.dtype != torch.float32:
         logger.info("onnx fast path off: the model runs on %s/%s", model.device, model.dtype)
         return False
+    if precision == "bf16":
+        why = bf16_unavailable()
+        if why is None:
+            try:
+                folder = export_graphs(model.eval(), cache_dir)
+                model.runtime = OpenVinoBf16Encoder(
+                    folder / IMAGE_GRAPH, folder / TEXT_GRAPH, threads
+                )
+                return True
+            except Exception:
+                logger.exception("openvino bf16 engine failed: trying float32 onnx runtime")
+        else:
+            logger.warning("bf16 fast path off (%s): float32 onnx runtime instead", why)
     try:
         model.runtime = OnnxRuntimeEncoder(model.eval(), cache_dir, threads)
     except ImportError:

@@ -26,7 +26,8 @@ def default_onnx_cache() -> Path:
 def load_serving_model(settings: ModelSettings, *, device: str | None = None) -> XModal:
     """Build the configured model in eval mode on its device (``settings.device``, or ``device``
     when given; None = the GPU when present, else the CPU), with the ONNX Runtime engine on
-    the CPU when ``settings.runtime == "onnx"`` (eager is the fallback)."""
+    the CPU when ``settings.runtime == "onnx"`` (eager is the fallback), in
+    ``settings.precision``."""
     target = resolve_device(device if device is not None else settings.device)
     model = create_model(
         settings.name,
@@ -36,7 +37,7 @@ def load_serving_model(settings: ModelSettings, *, device: str | None = None) ->
     ).eval()
     if settings.runtime == "onnx" and target.type == "cpu":
         cache = settings.onnx_cache_dir or default_onnx_cache()
-        on = enable_onnx(model, cache)
+        on = enable_onnx(model, cache, precision=settings.precision)
         logger.info("model %s: %s engine", model.name, "onnx" if on else "eager")
     return model
 

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="encode photos and captions with the serving model and engine (no feature cache)",
     )
     p.add_argument("--engine", choices=["onnx", "eager"], default="onnx", help="--end-to-end")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="--end-to-end --engine onnx: the fast path's arithmetic (XMODAL_MODEL__PRECISION)",
+    )
     p.add_argument("--embed-cache", type=Path, help="--end-to-end: keep/reuse embeddings here")
     p.add_argument("--plot", type=Path, help="write recall@K curves (raw vs QB-Norm) to a PNG")
     p.add_argument(
@@ -258,7 +264,7 @@ def end_to_end_embeddings(
         from models.runtime import enable_onnx
         from service.loading import default_onnx_cache
 
-        enable_onnx(model, default_onnx_cache())
+        enable_onnx(model, default_onnx_cache(), precision=args.precision)
     img, txt = embed_split(model, ds, args.embed_cache, progress=False)
     assert img is not None and txt is not None
     banks: dict[str, torch.Tensor] = {}
@@ -349,6 +355,7 @@ def _end_to_end(args: argparse.Namespace, model: Any, ds: Any, start: float) -> 
     if args.calibration is not None:
         metrics.update(calibration_study(args, model, img, txt, sims, ds, banks))
     metrics["engine"] = "onnx" if model.runtime is not None else "eager"
+    metrics["precision"] = getattr(model.runtime, "precision", "fp32")  # what ran (fallbacks)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     _report(metrics, args.json)
     return 0

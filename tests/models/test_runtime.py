@@ -118,3 +118,62 @@ def test_the_weights_hash_covers_the_encoders_not_the_video_pooling() -> None:
     with torch.no_grad():
         model.text_proj.fc.bias.add_(0.01)  # an encoder tensor: a new hash
     assert weights_hash(model) != before
+
+
+# -- the opt-in bf16 path (OpenVINO on AMX) ---------------------------------------------------
+
+# bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.0039 per rounding), and the image tower
+# rounds through ~60 layers, so single components move by up to ~0.1 of the largest one
+# (bench/encoder.py measured 0.09-0.12 on the shipped model). What retrieval sees is the
+# direction: the worst of 128 dev photos kept cosine 0.987 to its eager embedding (captions
+# 0.9999), and the dev RSUM moved by under 1 point of 600 (docs/BENCHMARKS.md); 0.98 leaves
+# room for other photos without letting a broken graph (cosine ~0 or ~0.9) through.
+BF16_MIN_COSINE = 0.98
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_bf16_on_real_photos_and_captions_stays_close_to_eager(
+    tmp_path: Path, flickr_dir: Path
+) -> None:
+    from PIL import Image
+
+    from models.runtime_bf16 import bf16_unavailable
+
+    why = bf16_unavailable()
+    if why is not None:
+        pytest.skip(f"bf16 path not available here: {why}")
+    rows = [json.loads(line) for line in (flickr_dir / "captions.jsonl").open()][:8]
+    images = [Image.open(flickr_dir / "images" / r["image"]).convert("RGB") for r in rows]
+    captions = [c for r in rows for c in r["captions"][:2]]
+    model = create_model(device="cpu")
+    eager_img, eager_txt = model.embed_images(images), model.embed_texts(captions)
+    assert enable_onnx(model, tmp_path, precision="bf16")
+    assert getattr(model.runtime, "precision", None) == "bf16"
+    # a batch size other than the export's, and captions of other lengths (dynamic shapes)
+    fast_img, fast_txt = model.embed_images(images, batch_size=3), model.embed_texts(captions)
+    assert fast_img.dtype == np.float32 and fast_img.shape == eager_img.shape
+    assert _cosines(fast_img, eager_img).min() > BF16_MIN_COSINE
+    assert _cosines(fast_txt, eager_txt).min() > BF16_MIN_COSINE
+    assert np.allclose(np.linalg.norm(fast_img, axis=1), 1.0, atol=1e-3)
+    # each photo's nearest caption still belongs to the same photo (2 captions per photo)
+    nearest = (fast_img @ fast_txt.T).argmax(1) // 2
+    assert (nearest == (eager_img @ eager_txt.T).argmax(1) // 2).all()
+
+
+def test_bf16_without_amx_or_openvino_falls_back_to_float32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.runtime_bf16 as bf16
+
+    monkeypatch.setattr(bf16, "cpu_flags", lambda: {"avx2", "avx512f"})  # e.g. an AMD EPYC
+    assert bf16.bf16_unavailable() == "the CPU lacks amx_bf16, amx_tile"
+    model = _tiny()
+    images = _images(3)
+    eager = model.embed_images(images)
+    assert enable_onnx(model, tmp_path, precision="bf16")
+    assert isinstance(model.runtime, OnnxRuntimeEncoder) and model.runtime.precision == "fp32"
+    assert _max_rel(model.embed_images(images), eager) < REL_TOL
