@@ -43,6 +43,7 @@ def validate_item(item: IngestItem, settings: IngestSettings) -> dict[str, Any]:
         payload["path"] = str(resolved.path)
     else:
         payload["data"] = item.data
+        payload["content"] = resolved.raw  # decoded once: the queue spills these bytes
     if resolved.modality == "image":
         assert resolved.raw is not None
         media.load_image(resolved.raw, settings).close()
