@@ -28,9 +28,10 @@ router = APIRouter(tags=["ingest"])
 def validate_item(item: IngestItem, settings: IngestSettings) -> dict[str, Any]:
     """Check one item now (so bad input is a synchronous 4xx) and build its queue payload.
 
-    Images are fully decoded (cheap at the sizes we accept, and the only way to catch a
-    truncated file); videos are probed (container, stream, duration, frame size) and fully
-    decoded by the worker. Raises MediaError with the status to answer.
+    Images are decoded (``media.verify_image``: a JPEG at 1/8 scale, which still reads all of
+    its data, the only way to catch a truncated or broken file); videos are probed (container,
+    stream, duration, frame size). The worker decodes both in full. Raises MediaError with the
+    status to answer.
     """
     resolved = media.resolve_item(
         {"modality": item.modality, "text": item.text, "data": item.data, "path": item.path},
@@ -46,7 +47,7 @@ def validate_item(item: IngestItem, settings: IngestSettings) -> dict[str, Any]:
         payload["content"] = resolved.raw  # decoded once: the queue spills these bytes
     if resolved.modality == "image":
         assert resolved.raw is not None
-        media.load_image(resolved.raw, settings).close()
+        media.verify_image(resolved.raw, settings)
     elif resolved.modality == "video":
         assert resolved.raw is not None
         media.probe_video(resolved.raw, settings)
