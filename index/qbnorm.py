@@ -360,11 +360,18 @@ class QBNormalizer:
         self._lognorm[idx] = lse
         if len(lse):
             self._lognorm_min = min(self._lognorm_min, float(lse.min()))
-        # merge into each bank query's running top-k
+        # merge into each bank query's running top-k; only rows where a new item scores at
+        # least the row's worst kept score can change (below it, an item never enters,
+        # whatever its index), and most rows of a large bank are not among them
         kk = self._top_scores.shape[1]
-        all_s = np.concatenate([self._top_scores, s.astype(np.float32)], axis=1)
-        all_i = np.concatenate([self._top_idx, np.broadcast_to(idx, s.shape)], axis=1)
-        self._top_scores, self._top_idx = _top_k(all_s, all_i, kk)
+        s = s.astype(np.float32)
+        rows = np.flatnonzero((s >= self._top_scores.min(axis=1, keepdims=True)).any(axis=1))
+        if len(rows):
+            all_s = np.concatenate([self._top_scores[rows], s[rows]], axis=1)
+            all_i = np.concatenate(
+                [self._top_idx[rows], np.broadcast_to(idx, (len(rows), len(idx)))], axis=1
+            )
+            self._top_scores[rows], self._top_idx[rows] = _top_k(all_s, all_i, kk)
 
     def _refill(self, rows: np.ndarray) -> None:
         """Recompute the top-k of bank queries that lost an item: the gallery search gives a
