@@ -15,7 +15,9 @@ else. ``ratio`` = service / bare (target >= 0.85). Videos: the clips of ``shared
 bare = ``media.load_video`` + ``model.embed_segments``. Service and bare runs alternate in
 ``--rounds`` rounds (who goes first rotates); the medians are reported. ``--serve-from`` twice
 (an older checkout, then this one) runs both servers side by side for a before/after in one
-run: one JSON line per server, each against the same bare runs.
+run: one JSON line per server, each against the same bare runs. Beside the wall clock, each
+side's CPU time per photo (the server process; this process for the bare loop), which a
+loaded machine moves much less than it moves the wall clock.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import base64
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -73,6 +76,18 @@ def ingest(url: str, items: list[dict[str, Any]], post_batch: int) -> float:
     return seconds
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of process ``pid`` (None: this one) so far.
+
+    Beside the wall clock, which a shared machine's load moves by tens of percent, the CPU
+    seconds each side spends per photo say what it costs; on a loaded machine they are the
+    steadier comparison (ONNX Runtime's spinning threads count on both sides alike)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bare_images(model: Any, raws: list[bytes], batch: int, settings: IngestSettings) -> float:
     t0 = time.perf_counter()
     for i in range(0, len(raws), batch):
@@ -86,6 +101,10 @@ def bare_videos(model: Any, raws: list[bytes], settings: IngestSettings) -> tupl
     segments = [s.frames for r in raws for s in media.load_video(r, settings).segments]
     model.embed_segments(segments)
     return time.perf_counter() - t0, sum(len(s) for s in segments)
+
+
+def per_image_ms(seconds: list[float], n: int) -> float:
+    return round(statistics.median(seconds) / n * 1000, 2)
 
 
 def items_of(kind: str, raws: list[bytes], prefix: str) -> list[dict[str, Any]]:
@@ -131,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sides = list(range(len(checkouts) + 1))  # 0: the bare encoder, i + 1: server i
     image_s: dict[int, list[float]] = {side: [] for side in sides}
+    image_cpu: dict[int, list[float]] = {side: [] for side in sides}
     video_s: dict[int, list[float]] = {side: [] for side in sides}
     frames = 0
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -151,11 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             order = sides[r % len(sides) :] + sides[: r % len(sides)]  # rotate who goes first
             for side in order:
+                pid = None if side == 0 else servers[side - 1].pid
+                cpu0 = cpu_seconds(pid)
                 if side == 0:
                     image_s[0].append(bare_images(model, photos, batch, settings))
                 else:
                     items = items_of("image", photos, f"r{r}")
                     image_s[side].append(ingest(servers[side - 1].url, items, args.post_batch))
+                image_cpu[side].append(cpu_seconds(pid) - cpu0)
             if videos:
                 for side in order:
                     if side == 0:
@@ -179,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": round(service_ips / bare_ips, 3),
             "service_image_s": [round(s, 2) for s in image_s[i + 1]],
             "bare_image_s": [round(s, 2) for s in image_s[0]],
+            # CPU ms per photo (server process / bench process), medians over the rounds
+            "service_cpu_ms_per_image": per_image_ms(image_cpu[i + 1], len(photos)),
+            "bare_cpu_ms_per_image": per_image_ms(image_cpu[0], len(photos)),
         }
         if videos:
             service_fps = frames / statistics.median(video_s[i + 1])
