@@ -8,8 +8,10 @@ Every failure is a :class:`MediaError` with the HTTP status the API answers with
 - 422 ``unprocessable``: a recognised format that fails to decode (corrupt, truncated), or text
   that is empty or over-long.
 
-The same functions run twice for an item: in the API (cheap checks before the job is queued,
-so bad input gets its 4xx synchronously) and in the worker (the full decode before encoding).
+The same functions run twice for an item: in the API (checks before the job is queued, so bad
+input gets its 4xx synchronously: :func:`verify_image` refuses exactly what :func:`load_image`
+refuses, decoding a JPEG at 1/8 scale) and in the worker (the full decode before encoding;
+embedded mode hands the worker the API's full decode instead, :mod:`service.handoff`).
 Nothing here touches the network; URLs are not fetched.
 """
 
