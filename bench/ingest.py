@@ -13,14 +13,20 @@ same photos: the same model and engine, the same thread count, decode + resize +
 else. ``ratio`` = service / bare (target >= 0.85). Videos: the clips of ``shared/data/video``
 (``--video-copies`` copies under distinct ids), frames/s = sampled frames encoded per second,
 bare = ``media.load_video`` + ``model.embed_segments``. Service and bare runs alternate in
-``--rounds`` rounds; the medians are reported.
+``--rounds`` rounds (who goes first rotates); the medians are reported. ``--serve-from`` twice
+(an older checkout, then this one) runs both servers side by side for a before/after in one
+run: one JSON line per server, each against the same bare runs. Beside the wall clock, each
+side's CPU time per photo (the server process; this process for the bare loop), which a
+loaded machine moves much less than it moves the wall clock.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -70,6 +76,18 @@ def ingest(url: str, items: list[dict[str, Any]], post_batch: int) -> float:
     return seconds
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of process ``pid`` (None: this one) so far.
+
+    Beside the wall clock, which a shared machine's load moves by tens of percent, the CPU
+    seconds each side spends per photo say what it costs; on a loaded machine they are the
+    steadier comparison (ONNX Runtime's spinning threads count on both sides alike)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bare_images(model: Any, raws: list[bytes], batch: int, settings: IngestSettings) -> float:
     t0 = time.perf_counter()
     for i in range(0, len(raws), batch):
@@ -83,6 +101,10 @@ def bare_videos(model: Any, raws: list[bytes], settings: IngestSettings) -> tupl
     segments = [s.frames for r in raws for s in media.load_video(r, settings).segments]
     model.embed_segments(segments)
     return time.perf_counter() - t0, sum(len(s) for s in segments)
+
+
+def per_image_ms(seconds: list[float], n: int) -> float:
+    return round(statistics.median(seconds) / n * 1000, 2)
 
 
 def items_of(kind: str, raws: list[bytes], prefix: str) -> list[dict[str, Any]]:
@@ -104,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--serve-from",
         type=Path,
-        default=REPO,
-        help="checkout whose `xmodal serve` runs (e.g. an older commit, for a before/after)",
+        action="append",
+        help="checkout whose `xmodal serve` runs (default: this one); give it twice (e.g. an "
+        "older commit's export, then this one) for a before/after in one run: the servers run "
+        "side by side, every round times each of them and the bare encoder in turn, and each "
+        "server gets a JSON line of its own against the same bare runs",
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -121,70 +146,87 @@ def main(argv: list[str] | None = None) -> int:
     warm = [(args.data / "images" / r["image"]).read_bytes() for r in rows[-batch:]]
     clips = sorted(args.videos.glob("*.mp4")) if args.videos.is_dir() else []
     videos = [c.read_bytes() for c in clips] * args.video_copies
+    checkouts: list[Path] = args.serve_from or [REPO]
 
-    image_s: list[float] = []
-    bare_image_s: list[float] = []
-    video_s: list[float] = []
-    bare_video_s: list[float] = []
+    sides = list(range(len(checkouts) + 1))  # 0: the bare encoder, i + 1: server i
+    image_s: dict[int, list[float]] = {side: [] for side in sides}
+    image_cpu: dict[int, list[float]] = {side: [] for side in sides}
+    video_s: dict[int, list[float]] = {side: [] for side in sides}
     frames = 0
-    env = {"PYTHONPATH": str(args.serve_from)}
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        Server(Path(tmp) / "data", args.threads, env=env, cwd=args.serve_from) as server,
-    ):
-        ingest(server.url, items_of("image", warm, "warm"), args.post_batch)  # first batch
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(
+                Server(
+                    Path(tmp) / f"data-{i}",
+                    args.threads,
+                    env={"PYTHONPATH": str(checkout)},
+                    cwd=checkout,
+                )
+            )
+            for i, checkout in enumerate(checkouts)
+        ]
+        for server in servers:
+            ingest(server.url, items_of("image", warm, "warm"), args.post_batch)  # first batch
         bare_images(model, warm, batch, settings)
         for r in range(args.rounds):
-            order = (0, 1) if r % 2 == 0 else (1, 0)  # alternate who goes first
+            order = sides[r % len(sides) :] + sides[: r % len(sides)]  # rotate who goes first
             for side in order:
+                pid = None if side == 0 else servers[side - 1].pid
+                cpu0 = cpu_seconds(pid)
                 if side == 0:
-                    image_s.append(
-                        ingest(server.url, items_of("image", photos, f"r{r}"), args.post_batch)
-                    )
+                    image_s[0].append(bare_images(model, photos, batch, settings))
                 else:
-                    bare_image_s.append(bare_images(model, photos, batch, settings))
+                    items = items_of("image", photos, f"r{r}")
+                    image_s[side].append(ingest(servers[side - 1].url, items, args.post_batch))
+                image_cpu[side].append(cpu_seconds(pid) - cpu0)
             if videos:
                 for side in order:
                     if side == 0:
-                        items = items_of("video", videos, f"v{r}")
-                        video_s.append(ingest(server.url, items, len(clips)))
-                    else:
                         seconds, frames = bare_videos(model, videos, settings)
-                        bare_video_s.append(seconds)
+                        video_s[0].append(seconds)
+                    else:
+                        items = items_of("video", videos, f"v{r}")
+                        video_s[side].append(ingest(servers[side - 1].url, items, len(clips)))
 
-    service_ips = len(photos) / statistics.median(image_s)
-    bare_ips = len(photos) / statistics.median(bare_image_s)
-    out: dict[str, Any] = {
-        "photos": len(photos),
-        "rounds": args.rounds,
-        "engine": "onnx" if model.runtime is not None else "eager",
-        "threads": args.threads,
-        "worker_batch": batch,
-        "service_images_per_s": round(service_ips, 2),
-        "bare_images_per_s": round(bare_ips, 2),
-        "ratio": round(service_ips / bare_ips, 3),
-        "service_image_s": [round(s, 2) for s in image_s],
-        "bare_image_s": [round(s, 2) for s in bare_image_s],
-    }
-    if videos:
-        service_fps = frames / statistics.median(video_s)
-        bare_fps = frames / statistics.median(bare_video_s)
-        out.update(
-            {
-                "videos": len(videos),
-                "frames": frames,
-                "service_frames_per_s": round(service_fps, 2),
-                "bare_frames_per_s": round(bare_fps, 2),
-                "video_ratio": round(service_fps / bare_fps, 3),
-                "service_video_s": [round(s, 2) for s in video_s],
-                "bare_video_s": [round(s, 2) for s in bare_video_s],
-            }
-        )
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:>22s}  {v}")
+    bare_ips = len(photos) / statistics.median(image_s[0])
+    for i, checkout in enumerate(checkouts):
+        service_ips = len(photos) / statistics.median(image_s[i + 1])
+        out: dict[str, Any] = {
+            "photos": len(photos),
+            "rounds": args.rounds,
+            "engine": "onnx" if model.runtime is not None else "eager",
+            "threads": args.threads,
+            "worker_batch": batch,
+            "service_images_per_s": round(service_ips, 2),
+            "bare_images_per_s": round(bare_ips, 2),
+            "ratio": round(service_ips / bare_ips, 3),
+            "service_image_s": [round(s, 2) for s in image_s[i + 1]],
+            "bare_image_s": [round(s, 2) for s in image_s[0]],
+            # CPU ms per photo (server process / bench process), medians over the rounds
+            "service_cpu_ms_per_image": per_image_ms(image_cpu[i + 1], len(photos)),
+            "bare_cpu_ms_per_image": per_image_ms(image_cpu[0], len(photos)),
+        }
+        if videos:
+            service_fps = frames / statistics.median(video_s[i + 1])
+            bare_fps = frames / statistics.median(video_s[0])
+            out.update(
+                {
+                    "videos": len(videos),
+                    "frames": frames,
+                    "service_frames_per_s": round(service_fps, 2),
+                    "bare_frames_per_s": round(bare_fps, 2),
+                    "video_ratio": round(service_fps / bare_fps, 3),
+                    "service_video_s": [round(s, 2) for s in video_s[i + 1]],
+                    "bare_video_s": [round(s, 2) for s in video_s[0]],
+                }
+            )
+        if args.serve_from:
+            out["serve_from"] = str(checkout)
+        if args.json:
+            print(json.dumps(out), flush=True)
+        else:
+            for k, v in out.items():
+                print(f"{k:>22s}  {v}")
     return 0
 
 

@@ -71,6 +71,12 @@ class Server:
         self.wait_ready()
         return self
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (for its CPU time)."""
+        assert self.proc is not None
+        return self.proc.pid
+
     def wait_ready(self, timeout: float = 600) -> None:
         import httpx
 

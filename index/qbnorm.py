@@ -193,17 +193,24 @@ def normalised_scores(
 # --------------------------------------------------------------------------------------
 
 
-def _item_scores(bank: np.ndarray, vectors: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def _item_scores(
+    bank: np.ndarray,
+    vectors: np.ndarray,
+    offsets: np.ndarray,
+    bank64: np.ndarray | None = None,
+) -> np.ndarray:
     """Bank-to-item similarities ``[B, n_items]``: best vector per item (as the gallery
     search scores items), or Smooth-Chamfer for set banks ``[B,K,D]``.
 
     Single-vector scores are accumulated in float64 and rounded to float32, so one
     (query, item) pair gets the same bits whatever batch it is scored in (BLAS blocking
     changes float32 sums in the last bit); equal vectors then tie exactly, and
-    :func:`_top_k` breaks the tie by a fixed rule instead of by scoring order.
+    :func:`_top_k` breaks the tie by a fixed rule instead of by scoring order. ``bank64``:
+    ``bank`` in float64 already (the same numbers; saves converting it on every call).
     """
     if bank.ndim == 2:
-        s = (bank.astype(np.float64) @ vectors.astype(np.float64).T).astype(np.float32)
+        wide = bank64 if bank64 is not None else bank.astype(np.float64)
+        s = (wide @ vectors.astype(np.float64).T).astype(np.float32)
         return np.maximum.reduceat(s, offsets[:-1], axis=1)
     n_items = len(offsets) - 1
     items = vectors.reshape(n_items, -1, vectors.shape[1])
@@ -253,6 +260,7 @@ class QBNormalizer:
         self._top_scores = np.full((len(self.bank), kk), -np.inf, dtype=np.float32)
         self._top_idx = np.full((len(self.bank), kk), -1, dtype=np.int64)
         self._lognorm_min = np.inf  # min L over items ever seen (a safe bound after removals)
+        self._bank64: np.ndarray | None = None  # the bank in float64, made by the first scoring
         self.stats = {"queries": 0, "candidates": 0, "exact": 0}  # search(): shortlist use
 
     @classmethod
@@ -343,16 +351,27 @@ class QBNormalizer:
         if len(idx) and idx.max() >= len(self._lognorm):
             grow = max(int(idx.max()) + 1, 2 * len(self._lognorm)) - len(self._lognorm)
             self._lognorm = np.concatenate([self._lognorm, np.full(grow, np.nan)])
-        s = _item_scores(self.bank, vectors, offsets)  # [B, n]
+        if self._bank64 is None and self.bank.ndim == 2:
+            # every upsert scores its items against the whole bank in float64: converting
+            # the bank once, not per batch, halves that work (the copy is 2x the bank's size)
+            self._bank64 = self.bank.astype(np.float64)
+        s = _item_scores(self.bank, vectors, offsets, self._bank64)  # [B, n]
         lse = log_normalisers(s, self.config.beta)
         self._lognorm[idx] = lse
         if len(lse):
             self._lognorm_min = min(self._lognorm_min, float(lse.min()))
-        # merge into each bank query's running top-k
+        # merge into each bank query's running top-k; only rows where a new item scores at
+        # least the row's worst kept score can change (below it, an item never enters,
+        # whatever its index), and most rows of a large bank are not among them
         kk = self._top_scores.shape[1]
-        all_s = np.concatenate([self._top_scores, s.astype(np.float32)], axis=1)
-        all_i = np.concatenate([self._top_idx, np.broadcast_to(idx, s.shape)], axis=1)
-        self._top_scores, self._top_idx = _top_k(all_s, all_i, kk)
+        s = s.astype(np.float32)
+        rows = np.flatnonzero((s >= self._top_scores.min(axis=1, keepdims=True)).any(axis=1))
+        if len(rows):
+            all_s = np.concatenate([self._top_scores[rows], s[rows]], axis=1)
+            all_i = np.concatenate(
+                [self._top_idx[rows], np.broadcast_to(idx, (len(rows), len(idx)))], axis=1
+            )
+            self._top_scores[rows], self._top_idx[rows] = _top_k(all_s, all_i, kk)
 
     def _refill(self, rows: np.ndarray) -> None:
         """Recompute the top-k of bank queries that lost an item: the gallery search gives a
@@ -394,7 +413,7 @@ class QBNormalizer:
             rec = g.get(item_id) if item_id is not None else None
             if rec is None:
                 raise KeyError(f"qbnorm: no normaliser for item index {idx[j]}")
-            s = _item_scores(self.bank, rec.vectors, np.array([0, len(rec.vectors)]))
+            s = _item_scores(self.bank, rec.vectors, np.array([0, len(rec.vectors)]), self._bank64)
             out[j] = log_normalisers(s, self.config.beta)[0]
         return out
 

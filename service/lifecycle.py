@@ -93,9 +93,13 @@ def open_galleries(settings: Settings, model: Any) -> dict[str, Gallery]:
 
 
 def start_worker(state: ServiceState) -> Any:
-    """The in-process ingestion worker of embedded mode."""
+    """The in-process ingestion worker of embedded mode (and the hand-off of the photos the
+    API decodes to validate, so the worker does not decode them again)."""
+    from service.handoff import DecodedPhotos
     from service.worker import start_embedded_worker
 
+    handoff_bytes = int(state.settings.worker.handoff_mb * 2**20)
+    state.handoff = DecodedPhotos(handoff_bytes) if handoff_bytes > 0 else None
     return start_embedded_worker(
         state.settings,
         model=state.model,
@@ -103,6 +107,7 @@ def start_worker(state: ServiceState) -> Any:
         queue=state.queue,
         jobs=state.jobs,
         stop_event=state.stop_event,
+        handoff=state.handoff,
     )
 
 

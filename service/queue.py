@@ -21,7 +21,8 @@ same at-least-once semantics:
 
 Large payloads (the spill choice). Base64 media is not kept inside stream entries: an item
 whose ``data`` is bytes, or a base64 string longer than ``spill_bytes``, is decoded once at
-enqueue and its raw bytes stored beside the queue — a Redis key ``<stream>:blob:<uuid>``
+enqueue (or handed over decoded as ``item["content"]`` by the API, which decoded it to
+validate it) and its raw bytes stored beside the queue — a Redis key ``<stream>:blob:<uuid>``
 with a TTL (``blob_ttl_s``, default 7 days, so an abandoned blob cannot live forever) in Redis
 mode, a row of the ``blobs`` table in embedded mode. The entry carries ``{"blob": key}``
 instead. ``read`` resolves the reference and hands the worker the raw bytes as
@@ -152,7 +153,11 @@ class IngestQueue(Protocol):
 
 
 def _prepare(item: dict[str, Any], spill_bytes: int) -> tuple[dict[str, Any], bytes | None]:
-    """Split an item into its queue entry and the raw bytes to spill (or None)."""
+    """Split an item into its queue entry and the raw bytes to spill (or None).
+
+    A caller that already decoded a base64 ``data`` (``POST /ingest`` does, to validate it)
+    may hand the bytes over as ``content``; they are spilled as they are, not decoded again.
+    """
     entry = {k: v for k, v in item.items() if k not in ("content", "blob", "blob_missing")}
     data = entry.get("data")
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -160,6 +165,9 @@ def _prepare(item: dict[str, Any], spill_bytes: int) -> tuple[dict[str, Any], by
         return entry, bytes(data)
     if isinstance(data, str) and len(data) > spill_bytes:
         entry.pop("data")
+        decoded = item.get("content")
+        if isinstance(decoded, (bytes, bytearray, memoryview)):
+            return entry, bytes(decoded)
         # Already validated by the API; a bad string here is a caller bug, surfaced as 400.
         return entry, decode_base64(data)
     return entry, None

@@ -88,6 +88,8 @@ class WorkerSettings(BaseModel):
     video_frame_budget: int = Field(1024, ge=1)  # sampled frames decoded at once, across videos
     # threads decoding media (PIL, FFmpeg release the GIL); 0 = min(4, CPU count); 1 = inline
     decode_threads: int = Field(0, ge=0)
+    # service/handoff.py: the embedded worker takes the photos POST /ingest decoded to validate
+    handoff_mb: float = Field(64.0, ge=0)  # MiB of decoded uploads kept for the worker; 0 = off
 
 
 class ThumbnailSettings(BaseModel):

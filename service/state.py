@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from index.qbnorm import QBNormalizer
     from index.querybank import QueryBankStore
     from service.encoder import QueryEncoder
+    from service.handoff import DecodedPhotos
     from service.jobs import JobStore
     from service.queue import IngestQueue
 
@@ -118,6 +119,7 @@ class ServiceState:
     queue: IngestQueue | None = None
     jobs: JobStore | None = None
     worker: Runner | None = None  # the embedded worker, or None
+    handoff: DecodedPhotos | None = None  # photos the API decoded, for the embedded worker
     replica: Replica | None = None  # the replica applier (Redis mode), or None
     publisher: DeletePublisher | None = None  # deletes on the vector log (Redis mode), or None
     redis: Pinger | None = None  # for readiness checks (Redis mode), or None

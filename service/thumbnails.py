@@ -70,12 +70,19 @@ class ThumbnailStore(Protocol):
 
 
 def jpeg_thumbnail(image: Image.Image, cfg: ThumbnailSettings) -> bytes:
-    """A JPEG of ``image`` whose longer side is at most ``cfg.size`` (never upscaled)."""
+    """A JPEG of ``image`` whose longer side is at most ``cfg.size`` (never upscaled).
+
+    Standard Huffman tables (no ``optimize``): the optimising pass cost 0.7 of the 1.2 ms a
+    224 px photo's thumbnail took, for files 3% smaller (Flickr8k, quality 80), and ingest
+    makes one per photo on the cores that encode.
+    """
     img = image if image.mode == "RGB" else image.convert("RGB")
-    img = img.copy()
-    img.thumbnail((cfg.size, cfg.size), Image.Resampling.LANCZOS)
+    if max(img.size) > cfg.size:
+        if img is image:
+            img = img.copy()  # thumbnail() resizes in place: never the caller's image
+        img.thumbnail((cfg.size, cfg.size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    img.save(out, format="JPEG", quality=cfg.quality, optimize=True)
+    img.save(out, format="JPEG", quality=cfg.quality)
     return out.getvalue()
 
 

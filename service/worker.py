@@ -11,7 +11,8 @@ Per batch:
    they failed) one by one, each try alone counted durably first (``queue.mark_solo``); only a
    message that crashed or failed alone ``worker.max_deliveries`` times is dead-lettered with
    its last error (and its job item failed), never the innocent batch-mates of a crash;
-2. items move to ``encoding``; each is decoded (:mod:`service.media`), its thumbnail rendered
+2. items move to ``encoding``; each is decoded (:mod:`service.media`; embedded mode takes the
+   picture ``POST /ingest`` decoded to validate it, :mod:`service.handoff`), its thumbnail rendered
    from the full-size decode, and images and video frames fitted to the model's input size
    (``model.fit_image``). Bad media is the client's fault and permanent: the item is ``failed``
    with the reason and acked at once, never retried and never blocking anything;
@@ -65,6 +66,7 @@ import torch
 
 from index.gallery import Gallery, Record
 from service import media
+from service.handoff import DecodedPhotos
 from service.jobs import ItemUpdate, JobStore
 from service.media import DecodedVideo, MediaError, VideoInfo
 from service.queue import IngestQueue, Message
@@ -144,6 +146,8 @@ class Worker:
         record_metrics: record into :mod:`service.metrics` (Prometheus).
         stop_event: an event shared with the caller; setting it stops the loop (like stop()).
         decode_threads: threads decoding media in parallel (default: settings.worker).
+        handoff: photos the API decoded to validate (embedded mode): taken instead of
+            decoding the same bytes again (:mod:`service.handoff`).
     """
 
     def __init__(
@@ -159,8 +163,10 @@ class Worker:
         record_metrics: bool = True,
         stop_event: threading.Event | None = None,
         decode_threads: int | None = None,
+        handoff: DecodedPhotos | None = None,
     ) -> None:
         self.model = model
+        self.handoff = handoff
         self.queue = queue
         self.jobs = jobs
         self.sink = sink
@@ -428,7 +434,10 @@ class Worker:
             return _Work(m, "text", resolved.text, digest, self.thumbnails.render(resolved.text))
         assert resolved.raw is not None
         if resolved.modality == "image":
-            image = media.load_image(resolved.raw, self.ingest)
+            # the API's decode of these very bytes (embedded mode), else decode them here
+            image = self.handoff.take(digest) if self.handoff is not None else None
+            if image is None:
+                image = media.load_image(resolved.raw, self.ingest)
             preview = self.thumbnails.render(image)  # from the full-size image
             return _Work(m, "image", self._fit(image), digest, preview)
         # checked now, decoded a chunk at a time under the frame budget (_load_video)
@@ -702,11 +711,13 @@ def start_embedded_worker(
     consumer: str | None = None,
     on_batch: Callable[[BatchReport], None] | None = None,
     stop_event: threading.Event | None = None,
+    handoff: DecodedPhotos | None = None,
 ) -> EmbeddedWorker:
     """Start an in-process worker writing straight into ``galleries``.
 
     ``queue``/``jobs`` default to the local SQLite ones under ``settings.data_dir`` — pass the
-    API's own instances so enqueue wakes the worker at once. Stop it with ``.stop()``.
+    API's own instances so enqueue wakes the worker at once; ``handoff``, the API's decoded
+    photos (:mod:`service.handoff`). Stop it with ``.stop()``.
     """
     if queue is None or jobs is None:
         from service.backends import open_backends
@@ -725,6 +736,7 @@ def start_embedded_worker(
         consumer=consumer or f"{settings.worker.consumer}-embedded",
         on_batch=on_batch,
         stop_event=stop_event,
+        handoff=handoff,
     )
     return EmbeddedWorker(worker).start()
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, status
 
 from service import media, metrics, monitoring
 from service.deps import ReadAccess, ReadyState, WriteAccess
+from service.handoff import DecodedPhotos
 from service.heartbeat import waiting_hint
 from service.schemas import (
     IngestItem,
@@ -25,12 +26,17 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["ingest"])
 
 
-def validate_item(item: IngestItem, settings: IngestSettings) -> dict[str, Any]:
+def validate_item(
+    item: IngestItem, settings: IngestSettings, handoff: DecodedPhotos | None = None
+) -> dict[str, Any]:
     """Check one item now (so bad input is a synchronous 4xx) and build its queue payload.
 
-    Images are fully decoded (cheap at the sizes we accept, and the only way to catch a
-    truncated file); videos are probed (container, stream, duration, frame size) and fully
-    decoded by the worker. Raises MediaError with the status to answer.
+    Images are decoded, the only way to catch a truncated or broken file: in full when
+    ``handoff`` (embedded mode) keeps the picture for the worker, which then does not decode
+    it again; else with ``media.verify_image`` (a JPEG at 1/8 scale, which still reads all of
+    its data) and the worker decodes it in full. Videos are probed (container, stream,
+    duration, frame size) and decoded by the worker. Raises MediaError with the status to
+    answer.
     """
     resolved = media.resolve_item(
         {"modality": item.modality, "text": item.text, "data": item.data, "path": item.path},
@@ -43,9 +49,14 @@ def validate_item(item: IngestItem, settings: IngestSettings) -> dict[str, Any]:
         payload["path"] = str(resolved.path)
     else:
         payload["data"] = item.data
+        payload["content"] = resolved.raw  # decoded once: the queue spills these bytes
     if resolved.modality == "image":
         assert resolved.raw is not None
-        media.load_image(resolved.raw, settings).close()
+        _, width, height = media.check_image(resolved.raw, settings)  # the header only
+        if handoff is not None and handoff.wants(width, height):
+            handoff.put(resolved.content_hash, media.load_image(resolved.raw, settings))
+        else:
+            media.verify_image(resolved.raw, settings)
     elif resolved.modality == "video":
         assert resolved.raw is not None
         media.probe_video(resolved.raw, settings)
@@ -53,15 +64,23 @@ def validate_item(item: IngestItem, settings: IngestSettings) -> dict[str, Any]:
     return payload
 
 
-def _validate_batch(items: list[IngestItem], settings: IngestSettings) -> list[dict[str, Any]]:
-    payloads = []
+def _validate_batch(
+    items: list[IngestItem], settings: IngestSettings, handoff: DecodedPhotos | None
+) -> list[dict[str, Any]]:
+    payloads: list[dict[str, Any]] = []
     for item in items:
         try:
-            payloads.append(validate_item(item, settings))
+            payloads.append(validate_item(item, settings, handoff))
         except media.MediaError as exc:
+            if handoff is not None:  # the batch is refused: nothing of it will be encoded
+                handoff.discard(_digests(payloads))
             # name the item so a client can fix a batch of hundreds
             raise media.MediaError(f"item {item.id!r}: {exc.message}", exc.status) from exc
     return payloads
+
+
+def _digests(payloads: list[dict[str, Any]]) -> list[str]:
+    return [str(p["content_hash"]) for p in payloads if p["modality"] == "image"]
 
 
 @router.post(
@@ -89,9 +108,14 @@ async def ingest(body: IngestRequest, state: ReadyState) -> IngestResponse:
             f"batch has {len(body.items)} items, over the limit of {settings.max_batch_items}",
         )
     await state.run(state.check_queue_capacity, len(body.items))
-    payloads = await state.run(_validate_batch, body.items, settings)
+    payloads = await state.run(_validate_batch, body.items, settings, state.handoff)
     job_id = uuid.uuid4().hex
-    await state.run(state.enqueue, job_id, payloads)
+    try:
+        await state.run(state.enqueue, job_id, payloads)
+    except BaseException:
+        if state.handoff is not None:  # not queued: nothing of it will be encoded
+            state.handoff.discard(_digests(payloads))
+        raise
     for item in body.items:
         metrics.ITEMS_ENQUEUED.labels(item.modality).inc()
     logger.info("queued job %s with %d items", job_id, len(payloads), extra={"job_id": job_id})

@@ -9,9 +9,12 @@ from index.gallery import Gallery, GalleryConfig, Record
 from index.qbnorm import (
     QBNormalizer,
     QBNormConfig,
+    _item_scores,
+    _top_k,
     activation_set,
     dynamic_inverted_softmax,
     inverted_softmax,
+    log_normalisers,
     normalised_scores,
     rank_agreement,
 )
@@ -141,6 +144,45 @@ def test_incremental_updates_match_a_fresh_fit(tmp_path: Path) -> None:
         assert qb.lognorm(item_id) == pytest.approx(fresh.lognorm(item_id), abs=1e-4)
     assert qb.lognorm(sorted(active_before)[0]) is None
     assert rank_agreement(qb.search(queries, 10), fresh.search(queries, 10)) == 1.0
+
+
+def test_the_float64_bank_kept_for_updates_gives_the_same_bits(tmp_path: Path) -> None:
+    """Normalisers keep their bank in float64 for upserts: the lognorms of a worker-sized
+    upsert are bit for bit what scoring that batch against the float32 bank gave before."""
+    gallery_vecs, bank, _ = problem(g=120, b=300, q=1, seed=9)
+    g = Gallery(tmp_path, DIM, config=GalleryConfig(fsync=False))
+    qb = QBNormalizer(bank, QBNormConfig(k=1)).fit(g)
+    for start in range(0, 120, 32):
+        batch = gallery_vecs[start : start + 32]
+        g.upsert([Record(f"i{start + j}", v[None]) for j, v in enumerate(batch)])
+        offsets = np.arange(len(batch) + 1)
+        cached = _item_scores(bank, batch, offsets, bank.astype(np.float64))
+        converted = _item_scores(bank, batch, offsets)  # the bank converted on the call
+        assert np.array_equal(cached, converted)
+        expected = log_normalisers(converted, qb.config.beta)
+        got = [qb.lognorm(f"i{start + j}") for j in range(len(batch))]
+        assert got == expected.tolist()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_running_top_k_equals_a_full_sort_with_ties(tmp_path: Path, k: int) -> None:
+    """Upserts merge only the bank rows a new item can enter; the running top-k is still
+    exactly the full sort of every item's score (ties: the item registered first)."""
+    gallery_vecs, bank, _ = problem(g=90, b=150, q=1, seed=3)
+    gallery_vecs[40:50] = gallery_vecs[10:20]  # equal vectors: exact ties, later indices
+    g = Gallery(tmp_path, DIM, config=GalleryConfig(fsync=False))
+    qb = QBNormalizer(bank, QBNormConfig(k=k)).fit(g)
+    for start in range(0, 90, 32):
+        batch = gallery_vecs[start : start + 32]
+        g.upsert([Record(f"i{start + j}", v[None]) for j, v in enumerate(batch)])
+    g.remove(["i11", "i60"])  # some top-k entries die: their rows are refilled
+    ids = g.ids()
+    idx = np.array([g.item_index(i) for i in ids], dtype=np.int64)
+    vecs = np.stack([g.get(i).vectors[0] for i in ids])
+    full = _item_scores(bank, vecs, np.arange(len(ids) + 1))
+    want_s, want_i = _top_k(full, np.broadcast_to(idx, full.shape), k)
+    assert np.array_equal(qb._top_idx, want_i)
+    assert np.array_equal(qb._top_scores, want_s)
 
 
 def test_adaptive_shortlist_is_exact_and_small(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from service.media import (
     load_video,
     probe_video,
     resolve_media_path,
+    verify_image,
 )
 from service.settings import IngestSettings
 
@@ -90,6 +91,64 @@ def test_truncated_and_corrupt_images(settings: IngestSettings) -> None:
             load_image(bytes(bad), settings)
         except MediaError as exc:
             assert exc.status in (413, 415, 422)
+
+
+def _outcome(fn: object, raw: bytes, settings: IngestSettings) -> tuple[int, str] | None:
+    try:
+        fn(raw, settings)  # type: ignore[operator]
+    except MediaError as exc:
+        return exc.status, exc.message
+    return None
+
+
+def _jpeg_variants() -> list[bytes]:
+    """JPEGs of the kinds a reduced-scale decode treats differently: progressive, grey, CMYK,
+    4:4:4, odd sizes, an EXIF orientation."""
+    base = Image.effect_noise((75, 41), 60).convert("RGB")
+    out = []
+    for img, kw in (
+        (base, {"progressive": True}),
+        (base.convert("L"), {}),
+        (base.convert("CMYK"), {}),
+        (base, {"subsampling": 0}),
+        (base.resize((9, 300)), {}),
+    ):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85, **kw)
+        out.append(buf.getvalue())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    buf = io.BytesIO()
+    base.save(buf, format="JPEG", exif=exif.tobytes())
+    out.append(buf.getvalue())
+    return out
+
+
+def test_verify_image_refuses_exactly_what_load_image_refuses(
+    flickr_dir: Path, settings: IngestSettings
+) -> None:
+    """The route's reduced-scale check (verify_image) and the worker's full decode agree on
+    every input: valid, truncated anywhere, or with bytes flipped (same status, same message),
+    so a corrupt photo is still refused at POST /ingest and never fails later in the worker."""
+    photos = [p.read_bytes() for p in sorted((flickr_dir / "images").glob("*.jpg"))[:4]]
+    rng = random.Random(12)
+    cases: list[bytes] = []
+    for good in photos + _jpeg_variants() + [_png(), _png_bomb(3000, 3000)]:
+        cases.append(good)
+        cases += [good[:cut] for cut in rng.sample(range(1, len(good)), min(12, len(good) - 1))]
+        for _ in range(20):
+            bad = bytearray(good)
+            for _ in range(rng.choice((1, 4, 30))):
+                bad[rng.randrange(2, len(bad))] = rng.randrange(256)
+            cases.append(bytes(bad))
+    refused = 0
+    for raw in cases:
+        full = _outcome(load_image, raw, settings)
+        assert _outcome(verify_image, raw, settings) == full
+        refused += full is not None
+    assert 0 < refused < len(cases)  # both kinds were exercised
+    for good in photos + _jpeg_variants():
+        assert verify_image(good, settings) is None
 
 
 def test_garbage_is_unsupported(settings: IngestSettings) -> None:

@@ -86,6 +86,42 @@ def test_dead_letter(queue: IngestQueue) -> None:
     assert [m.item["id"] for m in queue.reclaim("w2", 0, 10)] == ["t1"]
 
 
+def test_bytes_the_caller_decoded_spill_without_a_second_decode(
+    queue: IngestQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /ingest hands over the bytes it decoded to validate an item (``content``): a
+    spilled item stores them as they are; a small one keeps its base64 inline, as before."""
+    import service.queue
+
+    def no_decode(*_: object, **__: object) -> bytes:
+        raise AssertionError("base64 decoded a second time")
+
+    monkeypatch.setattr(service.queue, "decode_base64", no_decode)
+    big, small = os.urandom(50_000), b"tiny"
+    queue.enqueue(
+        "job",
+        [
+            {
+                "id": "big",
+                "modality": "image",
+                "data": base64.b64encode(big).decode(),
+                "content": big,
+            },
+            {
+                "id": "small",
+                "modality": "image",
+                "data": base64.b64encode(small).decode(),
+                "content": small,
+            },
+        ],
+    )
+    msgs = {m.item["id"]: m for m in queue.read("w", count=10, block_ms=0)}
+    assert msgs["big"].item["content"] == big and "data" not in msgs["big"].item
+    assert msgs["small"].item["data"] == base64.b64encode(small).decode()
+    assert "content" not in msgs["small"].item  # the inline copy is the only one
+    queue.ack([m.id for m in msgs.values()])
+
+
 def test_large_payloads_spill_out_of_the_entry(queue: IngestQueue) -> None:
     big = os.urandom(50_000)
     small = b"tiny"

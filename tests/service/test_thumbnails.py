@@ -52,8 +52,14 @@ def test_image_thumbnail_keeps_aspect_and_never_upscales() -> None:
     preview = make_preview(big, cfg)
     assert preview is not None and preview.content_type == JPEG
     assert _jpeg_size(preview.parts[0]) == (64, 32)
+    assert big.size == (400, 200)  # the caller's image is never resized in place
     small = make_preview(Image.new("L", (20, 10), 128), cfg)  # grey: converted to RGB
     assert small is not None and _jpeg_size(small.parts[0]) == (20, 10)
+    fits = Image.new("RGB", (64, 48), (10, 200, 10))  # already small enough: encoded as it is
+    same = make_preview(fits, cfg)
+    assert same is not None and _jpeg_size(same.parts[0]) == (64, 48)
+    with Image.open(io.BytesIO(same.parts[0])) as back:
+        assert back.convert("RGB").getpixel((32, 24)) == pytest.approx((10, 200, 10), abs=8)
 
 
 def test_video_gets_one_poster_per_segment(video_dir: Path) -> None:
