@@ -31,7 +31,7 @@ __all__ = [
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_MODEL = "effnet-lite0-minilm-gpo-tuned"
+DEFAULT_MODEL = "effnet-lite2-minilm-gpo-tuned"
 
 
 def list_models() -> list[str]:

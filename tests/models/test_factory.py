@@ -24,6 +24,7 @@ SHIPPED = {
     "effnet-lite0-minilm-max-tuned",
     "effnet-lite0-minilm-set",
     "effnet-lite2-minilm-gpo",
+    "effnet-lite2-minilm-gpo-tuned",
     "openclip-vit-b-32-gpo",
     "tiny-random",
 }
@@ -33,7 +34,7 @@ def test_list_models_contains_the_configs() -> None:
     names = list_models()
     assert set(names) >= SHIPPED
     assert names == sorted(names)
-    assert DEFAULT_MODEL == "effnet-lite0-minilm-gpo-tuned"
+    assert DEFAULT_MODEL == "effnet-lite2-minilm-gpo-tuned"
     assert get_model_config(DEFAULT_MODEL).embed_dim == 1024
 
 
@@ -106,14 +107,15 @@ def test_open_clip_config_needs_a_local_checkpoint() -> None:
 
 
 def test_default_model_on_real_photos(flickr_dir: Path) -> None:
-    model = create_model()  # package weights: EfficientNet-Lite0 + all-MiniLM-L6-v2
+    model = create_model()  # package weights: EfficientNet-Lite2 + all-MiniLM-L6-v2
     assert model.name == DEFAULT_MODEL and model.embed_dim == 1024
     assert model.image_backbone.external_weights and model.text_backbone.external_weights
     files = sorted((flickr_dir / "images").glob("*.jpg"))[:2]
     images = [Image.open(f) for f in files]
     with torch.no_grad():
         pixels = model.preprocess(images)
-        assert pixels.shape == (2, 3, 224, 224)
+        size = model.config.image.image_size  # 260 for the Lite2 default
+        assert pixels.shape == (2, 3, size, size)
         emb = model.encode_image(pixels)
         batch = model.tokenize(["A dog runs .", "A child climbs the stairs ."])
         txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
