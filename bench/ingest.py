@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from served import FLICKR, REPO, VIDEOS, Server, dev_rows  # noqa: E402
+from served import FLICKR, REPO, VIDEOS, Server, dev_rows, emit  # noqa: E402
 
 from service import media  # noqa: E402
 from service.loading import load_serving_model  # noqa: E402
@@ -220,13 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                     "bare_video_s": [round(s, 2) for s in video_s[0]],
                 }
             )
-        if args.serve_from:
-            out["serve_from"] = str(checkout)
-        if args.json:
-            print(json.dumps(out), flush=True)
-        else:
-            for k, v in out.items():
-                print(f"{k:>22s}  {v}")
+        emit(out, args.json, checkout if args.serve_from else None)
     return 0
 
 

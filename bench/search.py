@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from served import FLICKR, Server, captions  # noqa: E402
+from served import FLICKR, Server, captions, emit  # noqa: E402
 
 from index.gallery import Gallery, GalleryConfig, Record  # noqa: E402
 from index.vector_index import set_search_threads  # noqa: E402
@@ -199,13 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 "qps_c32": round(rates[32], 1),
                 "gallery_build_s": round(build_s, 1),
             }
-            if args.serve_from:
-                out["serve_from"] = str(checkout)
-            if args.json:
-                print(json.dumps(out), flush=True)
-            else:
-                for k, v in out.items():
-                    print(f"{k:>16s}  {v}")
+            emit(out, args.json, checkout if args.serve_from else None)
         gallery.close()
     return 0
 

@@ -19,6 +19,19 @@ FLICKR = REPO.parent / "shared" / "data" / "flickr8k"
 VIDEOS = REPO.parent / "shared" / "data" / "video"
 
 
+def emit(out: dict, as_json: bool, checkout: Path | None = None) -> None:
+    """Print one result: a JSON line, or aligned ``key  value`` lines; ``checkout`` (the
+    ``--serve-from`` folder the server ran) is recorded when given."""
+    if checkout is not None:
+        out["serve_from"] = str(checkout)
+    if as_json:
+        print(json.dumps(out), flush=True)
+        return
+    width = max(map(len, out))
+    for key, value in out.items():
+        print(f"{key:>{width}s}  {value}")
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:
