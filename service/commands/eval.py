@@ -32,6 +32,7 @@ import torch
 
 from models.data import load_dataset
 from models.evaluate import embed_cached, renormed_metrics, similarity_matrix
+from models.runtime import PRECISIONS
 from models.train import REPO, load_split_features
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["onnx", "eager"], default="onnx", help="--end-to-end")
     p.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
+        choices=PRECISIONS,
         default="fp32",
         help="--end-to-end --engine onnx: the fast path's arithmetic (XMODAL_MODEL__PRECISION)",
     )

@@ -29,3 +29,12 @@ def test_precision_setting_reaches_the_engine_with_a_float32_fallback(
 
 def test_the_default_precision_is_float32() -> None:
     assert ModelSettings().precision == "fp32"
+
+
+def test_the_precision_setting_offers_exactly_the_engine_precisions() -> None:
+    """settings.py stays torch-free, so it spells the choice out; it must match the engine's."""
+    from typing import get_args
+
+    from models.runtime import PRECISIONS
+
+    assert get_args(ModelSettings.model_fields["precision"].annotation) == PRECISIONS
