@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.app import create_app
 from tests.service.redis_server import free_port
-from tests.service.test_api_helpers import make_settings
 
 schemathesis = pytest.importorskip(
     "schemathesis", reason="schemathesis is not installed (dev extra)"
@@ -32,34 +31,46 @@ MAX_EXAMPLES = int(os.environ.get("XMODAL_FUZZ_EXAMPLES", "40"))
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import uvicorn
-
-    from models import create_model
-
-    model = create_model("tiny-random", pretrained=False)
-    settings = make_settings(tmp_path_factory.mktemp("fuzz"), ingest={"max_batch_items": 16})
-    app = create_app(settings, model=model)
+    """A real ``xmodal serve`` process (embedded, tiny model). Its own process, not a thread of
+    this one: CPython 3.11's ``ast`` keeps one recursion counter per interpreter, and a server
+    thread parsing source while hypothesis describes its lambdas made the fuzz flaky
+    (``SystemError: AST constructor recursion depth mismatch``)."""
+    tmp = tmp_path_factory.mktemp("fuzz")
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    httpx.post(
-        f"{url}/ingest",
-        json={"items": [{"id": "seed", "modality": "text", "text": "a dog on the beach"}]},
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_")}
+    env.update(
+        XMODAL_MODEL__NAME="tiny-random",
+        XMODAL_INDEX__FSYNC="false",
+        XMODAL_INGEST__MAX_BATCH_ITEMS="16",
+        XMODAL_LOG_JSON="false",
     )
-    yield url
-    server.should_exit = True
-    thread.join(30)
+    log = tmp / "serve.log"
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    cmd += ["--data-dir", str(tmp / "data")]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        item = {"id": "seed", "modality": "text", "text": "a dog on the beach"}
+        assert httpx.post(f"{url}/ingest", json={"items": [item]}).status_code == 202
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_fuzz_the_openapi(base_url: str) -> None:
