@@ -39,7 +39,22 @@ def load_serving_model(settings: ModelSettings, *, device: str | None = None) ->
         cache = settings.onnx_cache_dir or default_onnx_cache()
         on = enable_onnx(model, cache, precision=settings.precision)
         logger.info("model %s: %s engine", model.name, "onnx" if on else "eager")
+        if on:
+            single_thread_blas()
     return model
+
+
+def single_thread_blas() -> None:
+    """Run numpy's (and scipy's) BLAS on the calling thread only, for the rest of the process.
+
+    The service's own BLAS work is small (a QB-Norm update is a 5000 x 384 by 384 x 32
+    matmul per ingest batch), but OpenBLAS hands it to a pool whose threads then spin for
+    ~0.1 s waiting for more, on the cores the encoder's threads need: during a 300-photo
+    ingest on 2 cores that pool's spinning took 0.55-0.7 s of CPU (docs/BENCHMARKS.md,
+    "Ingest, third pass")."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")  # kept: the limit lasts for the process
 
 
 def model_weights_hash(model: object) -> str | None:
