@@ -177,3 +177,47 @@ def test_bf16_without_amx_or_openvino_falls_back_to_float32(
     assert enable_onnx(model, tmp_path, precision="bf16")
     assert isinstance(model.runtime, OnnxRuntimeEncoder) and model.runtime.precision == "fp32"
     assert _max_rel(model.embed_images(images), eager) < REL_TOL
+
+
+@pytest.mark.parametrize("pooling", ["gpo", "set"])
+def test_large_batches_run_as_shards_and_give_the_one_run_rows(
+    tmp_path: Path, pooling: str
+) -> None:
+    """Data-parallel shards: a batch of >= MIN_SHARD rows per thread is cut into one shard per
+    thread, and the rows come back in order, as one run of the wide session gives them."""
+    from models.runtime import MIN_SHARD
+
+    model = _tiny(pooling)
+    two = OnnxRuntimeEncoder(model, tmp_path, threads=2)
+    assert two.image.shards(2 * MIN_SHARD - 1) == 1 and two.image.shards(2 * MIN_SHARD) == 2
+    one = OnnxRuntimeEncoder(model, tmp_path, threads=1)
+    assert one.image.narrow is None and one.image.shards(1000) == 1
+    rows = 2 * MIN_SHARD + 3  # uneven shards
+    x = model.preprocess(_images(rows, size=48))
+    feeds = {"pixels": x.numpy()}
+    whole = two.image.wide.run(None, feeds)[0]
+    sharded = two.encode_image(x).numpy()
+    assert sharded.shape == whole.shape
+    np.testing.assert_allclose(sharded, whole, rtol=0, atol=1e-6)
+    eager = model.encode_image(x).detach().numpy()
+    assert _max_rel(sharded, eager) < REL_TOL
+    tok = model.tokenize([TEXTS[i % len(TEXTS)] for i in range(rows)])
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    text_whole = two.text.wide.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    np.testing.assert_allclose(two.encode_text(ids, mask).numpy(), text_whole[0], atol=1e-6)
+
+
+def test_the_serving_model_runs_blas_on_one_thread(tmp_path: Path) -> None:
+    """With the ONNX engine on, numpy's BLAS pool is limited to the calling thread (its idle
+    threads spin on the encoder's cores)."""
+    from threadpoolctl import threadpool_info
+
+    from service.loading import load_serving_model
+    from service.settings import ModelSettings
+
+    model = load_serving_model(
+        ModelSettings(name="tiny-random", device="cpu", onnx_cache_dir=tmp_path)
+    )
+    assert model.runtime is not None
+    blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+    assert blas and all(p["num_threads"] == 1 for p in blas)
