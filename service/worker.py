@@ -121,6 +121,11 @@ class _Decoded:
     video_chunks: list[list[_Work]] = field(default_factory=list)  # chunk 0 decoded already
 
 
+def _ids_of(batch: _Decoded) -> list[str]:
+    """The item ids a decoded batch will write."""
+    return [w.item_id for w in batch.work] + [w.item_id for c in batch.video_chunks for w in c]
+
+
 @dataclass
 class _Batch:
     """A batch read from the queue: first deliveries decoded, redeliveries tried alone later."""
@@ -183,6 +188,10 @@ class Worker:
         )
         # decode-ahead: the next batch (run) and the next video chunk (both paths), one each
         self._ahead = ThreadPoolExecutor(2, thread_name_prefix="xmodal-prefetch")
+        # write-behind (run): one batch's write while the next encodes, in order (one thread)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="xmodal-write")
+        self._writing: Future[BatchReport] | None = None
+        self._writing_ids: frozenset[str] = frozenset()  # the ids that write holds
         self._fit: Callable[[Any], Any] = getattr(model, "fit_image", None) or (lambda im: im)
         self._busy = threading.Lock()  # held while a batch is in flight
         self._claim_every = max(0.05, min(self.cfg.claim_idle_ms / 2000, 30.0))
@@ -221,7 +230,7 @@ class Worker:
                 with self._busy:
                     self._in_flight_since = batch.read_at
                     try:
-                        self._finish(batch)
+                        self._pipelined(batch)
                     finally:
                         self._in_flight_since = None
                 backoff = 0.5
@@ -231,6 +240,10 @@ class Worker:
                 )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)  # resume soon after an outage
+        try:
+            self._settle_write()  # the last batch's write
+        except Exception:
+            logger.exception("worker %s: writing the last batch failed", self.consumer)
         if heartbeat is not None:
             heartbeat.stop()  # no longer live: its key goes at once
         self.close()
@@ -243,6 +256,7 @@ class Worker:
     def close(self) -> None:
         """Release the decode threads (after the loop ended, or when only run_once is used)."""
         self._ahead.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -330,6 +344,39 @@ class Worker:
         """
         return self._finish(self._read_ahead(messages, time.monotonic()))
 
+    def _pipelined(self, batch: _Batch) -> None:
+        """:meth:`run`'s step: encode ``batch`` while the batch before it is still being
+        written, then queue its own write behind that one (one writer thread: writes land
+        in read order). Redeliveries, tried alone, run in line after the pending write.
+        Raises what writing the batch before raised (its messages stay pending, as when a
+        batch fails in line); this batch's write is queued by then."""
+        if batch.fresh is None or batch.redelivered:
+            self._settle_write()
+            self._finish(batch)
+            return
+        previous = self._writing
+        encoded = self._encode_fresh(batch.fresh)
+        self._writing = self._writer.submit(self._write_observed, batch.fresh, *encoded)
+        self._writing_ids = frozenset(_ids_of(batch.fresh))
+        if previous is not None:
+            previous.result()
+
+    def _settle_write(self) -> None:
+        """Wait for the queued write (raising what it raised); none is pending after."""
+        writing, self._writing = self._writing, None
+        try:
+            if writing is not None:
+                writing.result()
+        finally:
+            self._writing_ids = frozenset()
+
+    def _write_observed(
+        self, batch: _Decoded, records: dict[str, list[Record]], written: list[_Work]
+    ) -> BatchReport:
+        report = self._write(batch, records, written)
+        self._observe(report)
+        return report
+
     def _finish(self, batch: _Batch) -> BatchReport:
         """Encode and write the decoded first deliveries, then try each redelivery alone."""
         report = self._encode_batch(batch.fresh) if batch.fresh is not None else BatchReport()
@@ -368,7 +415,14 @@ class Worker:
     def _unchanged(self, work: Sequence[_Work]) -> set[str]:
         """Ids whose stored content hash is already this content's."""
         known = self.sink.known_hashes([w.item_id for w in work]) if work else {}
-        return {w.item_id for w in work if known.get(w.item_id) == (w.modality, w.digest)}
+        # an id the write behind us holds is judged after it lands: never skipped now (what
+        # is stored for it is about to change, and this later message must win)
+        writing = self._writing_ids
+        return {
+            w.item_id
+            for w in work
+            if known.get(w.item_id) == (w.modality, w.digest) and w.item_id not in writing
+        }
 
     def _load_chunk(self, chunk: Sequence[_Work], skip: Set[str] = frozenset()) -> list[Any]:
         """Decode a chunk's probed videos (decode pool): one decoded ``_Work`` or exception per
@@ -394,6 +448,10 @@ class Worker:
 
     def _encode_batch(self, batch: _Decoded) -> BatchReport:
         """Skip unchanged content, encode the rest, write, then mark and ack the batch."""
+        return self._write(batch, *self._encode_fresh(batch))
+
+    def _encode_fresh(self, batch: _Decoded) -> tuple[dict[str, list[Record]], list[_Work]]:
+        """Settle unchanged content (marked ``indexed`` with the batch), encode the rest."""
         report, updates, done = batch.report, batch.updates, batch.done
         unchanged = self._unchanged(batch.work + [w for c in batch.video_chunks for w in c])
         if unchanged:
@@ -406,7 +464,15 @@ class Worker:
             batch.video_chunks = [
                 [w for w in c if w.item_id not in unchanged] for c in batch.video_chunks
             ]
-        records, written = self._encode(batch)
+        return self._encode(batch)
+
+    def _write(
+        self, batch: _Decoded, records: dict[str, list[Record]], written: list[_Work]
+    ) -> BatchReport:
+        """Store thumbnails and vectors (durable on return), then mark and ack the batch."""
+        report, updates, done = batch.report, batch.updates, batch.done
+        for w in written:
+            self.thumbnails.put(w.item_id, w.preview)
         if written:
             try:
                 self.sink.write(records)
@@ -506,7 +572,6 @@ class Worker:
             segments = None
             if isinstance(w.content, DecodedVideo) and not self.model.is_set_model:
                 segments = w.content.spans  # one vector per segment
-            self.thumbnails.put(w.item_id, w.preview)
             metadata = w.msg.item.get("metadata") or {}
             records.setdefault(modality, []).append(
                 Record(w.item_id, vecs, dict(metadata), w.digest, segments)

@@ -276,3 +276,95 @@ def test_unchanged_is_decided_after_the_batch_before_is_written(
     record = galleries["text"].get("a")
     assert record is not None and record.content_hash == media.content_hash("v1")
     np.testing.assert_allclose(record.vectors[0], model.embed_texts(["v1"])[0], atol=1e-6)
+
+
+class CountingModel:
+    """The tiny model; sets ``encoded[n]`` once its n-th text encode call (from 1) is done."""
+
+    def __init__(self, model: Any, calls: int) -> None:
+        self.model = model
+        self.encoded = [threading.Event() for _ in range(calls + 1)]
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        out = self.model.embed_texts(texts)
+        self.calls += 1
+        if self.calls < len(self.encoded):
+            self.encoded[self.calls].set()
+        return out
+
+
+class HeldSink:
+    """A real sink whose first write waits until ``release`` is set (or WAIT_S passed)."""
+
+    def __init__(self, sink: Any, release: threading.Event) -> None:
+        self.sink = sink
+        self.release = release
+        self.writes = 0
+        self.released_in_time: bool | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sink, name)
+
+    def write(self, records: Any) -> None:
+        self.writes += 1
+        if self.writes == 1:
+            self.released_in_time = self.release.wait(WAIT_S)
+        self.sink.write(records)
+
+
+def test_next_batch_encodes_while_one_is_written_and_the_last_write_wins(
+    backend: Any,  # noqa: F811
+    tmp_path: Path,
+    model: Any,
+) -> None:
+    """Write-behind: batch 2 encodes while batch 1's write is still held (the first write is
+    released only by batch 2's encode), and although batch 2 sets "a" back to the content
+    the store still holds while batch 1 ("a" -> "v2") is being written, it is not skipped as
+    unchanged: writes land in order and the last one wins."""
+    queue, jobs, sink, galleries, applier = backend
+    settings = make_settings(tmp_path, None, batch_size=2, batch_wait_ms=0)
+    jobs.create("j0", ["a"])
+    queue.enqueue("j0", [{"id": "a", "modality": "text", "text": "v1"}])
+    Worker(model, queue, jobs, sink, settings).run_once(block_ms=10)
+
+    counting = CountingModel(model, 2)
+    held = HeldSink(sink, counting.encoded[2])
+    worker = Worker(counting, queue, jobs, held, settings)
+    jobs.create("j1", ["a", "b"])
+    queue.enqueue(
+        "j1",
+        [
+            {"id": "a", "modality": "text", "text": "v2"},
+            {"id": "b", "modality": "text", "text": "a bird"},
+        ],
+    )
+    jobs.create("j2", ["a", "c"])
+    queue.enqueue(
+        "j2",
+        [
+            {"id": "a", "modality": "text", "text": "v1"},
+            {"id": "c", "modality": "text", "text": "a cat"},
+        ],
+    )
+    thread = start(worker)
+    try:
+        assert wait_for(lambda: jobs.get("j2").state == "done")  # type: ignore[union-attr]
+    finally:
+        worker.stop()
+        thread.join(WAIT_S)
+    assert not thread.is_alive()
+    assert held.released_in_time is True  # batch 2 encoded while batch 1 was being written
+    assert held.writes == 2 and counting.calls == 2  # "a" of batch 2 was encoded, not skipped
+    assert states(jobs, "j1") == {"a": ("indexed", None), "b": ("indexed", None)}
+    assert states(jobs, "j2") == {"a": ("indexed", None), "c": ("indexed", None)}
+    assert queue.stats() == {"depth": 0, "pending": 0, "dead_letters": 0}
+    if applier is not None:
+        applier.catch_up()
+    assert sorted(galleries["text"].ids()) == ["a", "b", "c"]
+    record = galleries["text"].get("a")
+    assert record is not None and record.content_hash == media.content_hash("v1")
+    np.testing.assert_allclose(record.vectors[0], model.embed_texts(["v1"])[0], atol=1e-6)
