@@ -127,7 +127,6 @@ class FileThumbnailStore:
         folder, key = self._dir(item_id)
         folder.mkdir(parents=True, exist_ok=True)
         ext = "txt" if preview.content_type == TEXT else "jpg"
-        wanted = {f"{key}.{i}.{ext}" for i in range(len(preview.parts))}
         for i, blob in enumerate(preview.parts):
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
             try:
@@ -137,9 +136,17 @@ class FileThumbnailStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        for stale in self._files(item_id):  # fewer segments, or another kind, than before
-            if stale.name not in wanted:
-                stale.unlink(missing_ok=True)
+        # what an earlier version left (fewer segments, or another kind, than before): parts
+        # are numbered from 0 without gaps, so probe names instead of listing the folder
+        # (a listing costs a put O(items / 256) once the store holds many)
+        for kind in ("jpg", "txt"):
+            i = len(preview.parts) if kind == ext else 0
+            while True:
+                try:
+                    (folder / f"{key}.{i}.{kind}").unlink()
+                except FileNotFoundError:
+                    break
+                i += 1
 
     def get(self, item_id: str, part: int = 0) -> tuple[str, bytes] | None:
         folder, key = self._dir(item_id)

@@ -103,6 +103,14 @@ def test_file_store(tmp_path: Path) -> None:
     _exercise(store)
     store.put("k", Preview(JPEG, [b"x"]))
     assert not [p for p in (tmp_path / "thumbs").rglob(".tmp-*")]  # no temp files left
+    # a video re-ingested with fewer segments keeps only its new parts; other items untouched
+    store.put("v", Preview(JPEG, [b"s0", b"s1", b"s2", b"s3"]))
+    store.put("v", Preview(JPEG, [b"t0", b"t1"]))
+    assert store.count("v") == 2 and store.get("v", 1) == (JPEG, b"t1")
+    assert store.get("v", 2) is None and store.get("k") == (JPEG, b"x")
+    store.put("v", Preview(TEXT, [b"a text now"]))
+    store.put("v", Preview(JPEG, [b"u0"]))
+    assert store.count("v") == 1 and store.get("v") == (JPEG, b"u0")
 
 
 def test_redis_store() -> None:
