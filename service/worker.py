@@ -18,8 +18,9 @@ Per batch:
    with the reason and acked at once, never retried and never blocking anything;
 3. items whose id already holds the same content hash (sha256 of the raw bytes / cleaned text)
    are skipped: ingest is idempotent, and unchanged content is not re-encoded (decided when
-   the batch is encoded, after the batch before it is written, so a read-ahead batch never
-   judges against a stale hash);
+   the batch is encoded, after the batch before the one being written is written, and never
+   for an id that pending write holds, so a read-ahead batch never judges against a stale
+   hash and the last write wins);
 4. the rest are encoded per modality in batches (``model.embed_texts``/``embed_images``; videos:
    every sampled frame through the image tower in one batch, pooled per segment with
    ``model.pool_frames`` -> one vector per segment; set models pool the whole clip into K
@@ -38,6 +39,13 @@ budgets of fitted frames). The prefetched batch is ordinary pending work: a deco
 fails only its item, exactly as in the in-line path (:meth:`Worker.run_once`, same code), and
 ``stop()`` finishes the in-flight batch *and* the one decoded behind it, so nothing read is
 left half done (a crash leaves both pending: recovered as below).
+
+**Write-behind.** Steps 5-6 of a batch (thumbnails, vectors, marks, ack) run on one writer
+thread while the loop encodes the next batch, so the encoder never waits for an fsync or a
+QB-Norm update; one thread keeps the writes in read order, and the loop waits for a write
+before queueing the one after next (at most one batch waits encoded). Redeliveries, tried
+alone, run in line once the pending write has landed. :meth:`Worker.run_once` and
+:meth:`Worker.process` stay in line (they return after the ack).
 
 Unexpected errors (not bad media) are recorded with ``nack`` and the message stays pending; it
 is reclaimed (``XAUTOCLAIM``) after ``worker.claim_idle_ms`` by whichever worker gets there
