@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,11 @@ def main(argv: Sequence[str]) -> int:
     from service.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
+    try:  # before the model loads: a busy port is a one-line error, not a slow start and exit
+        sock = listen_socket(settings.host, settings.port)
+    except OSError as exc:
+        sys.stderr.write(f"xmodal serve: cannot listen on {settings.host}:{settings.port}: {exc}\n")
+        return 1
     mode = backend_mode(settings)
     logger.info(
         "starting xmodal API on %s:%d (%s mode, data dir %s)",
@@ -64,7 +70,7 @@ def main(argv: Sequence[str]) -> int:
         settings.data_dir,
     )
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -72,4 +78,22 @@ def main(argv: Sequence[str]) -> int:
         access_log=False,  # RequestContextMiddleware writes the access line with a request id
         timeout_graceful_shutdown=30,
     )
-    return 0
+    server = uvicorn.Server(config)
+    with sock:
+        server.run(sockets=[sock])
+    return 0 if server.started else 3  # 3: uvicorn's "startup failed"
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (IPv4 or IPv6, as the host resolves); uvicorn
+    listens on it. Raises OSError when the address is taken or not this machine's."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock

@@ -204,3 +204,21 @@ def test_export_renames_and_halves_a_checkpoint(
     src2 = save_checkpoint(tiny, tmp_path / "x.safetensors")
     export_cmd.main(["--checkpoint", str(src2), "--out", str(renamed), "--name", "tiny-random"])
     assert read_checkpoint(renamed)[0] == get_model_config("tiny-random")
+
+
+def test_serve_on_a_busy_port_fails_at_once_with_the_reason(tmp_path: Path) -> None:
+    """The port is checked before the model loads: a one-line error and exit code 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_")}
+    env["XMODAL_MODEL__NAME"] = "tiny-random"
+    repo = Path(__file__).resolve().parents[2]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+        cmd += ["--data-dir", str(tmp_path / "data")]
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "starting xmodal API" not in done.stderr  # nothing was loaded
+    assert not (tmp_path / "data").exists()
