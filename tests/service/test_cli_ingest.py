@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,22 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from service.client import Client
+from tests.service.serve_process import ServeProcess
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 N_PHOTOS = 30
 CRASHED_TEXT = "a red boat moored in a quiet harbour at dawn"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -55,38 +47,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-class Server:
-    def __init__(self, data_dir: Path, log: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)]
-            + ["--data-dir", str(data_dir)],
-            cwd=REPO,
-            env=_env(),
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 300
-        while True:
-            assert self.proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def start_server(data_dir: Path, log: Path) -> ServeProcess:
+    """A ready ``xmodal serve`` with this module's worker settings."""
+    server = ServeProcess(data_dir, log, **{k: v for k, v in _env().items() if "XMODAL_" in k})
+    server.wait_ready()
+    return server
 
 
 def xmodal(*args: str, url: str) -> tuple[int, Any, str]:
@@ -130,7 +95,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     queue.mark_solo(held[0])
     queue.close()
     jobs.close()
-    srv = Server(data, root / "serve.log")
+    srv = start_server(data, root / "serve.log")
     try:
         yield {"server": srv, "root": root}
     finally:
@@ -260,7 +225,7 @@ def test_ingest_search_jobs_dead_letters_snapshot(
     )
     assert again_out.returncode == 1 and "already holds an index" in again_out.stderr
     server["server"].stop()
-    restored = Server(fresh, server["root"] / "restored.log")
+    restored = start_server(fresh, server["root"] / "restored.log")
     try:
         assert answers(restored.url) == before
     finally:

@@ -18,18 +18,14 @@ import base64
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+
+from tests.service.serve_process import ServeProcess
 
 pytestmark = pytest.mark.slow
 
@@ -61,72 +57,6 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A real ``xmodal serve`` subprocess and an HTTP client on it."""
-
-    def __init__(self, data_dir: Path, log: Path, **env: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_")}
-        full_env.update(
-            XMODAL_INDEX__FSYNC="false",
-            XMODAL_LOG_JSON="true",
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            **env,
-        )
-        args = ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args, "--data-dir", str(data_dir)],
-            cwd=REPO,
-            env=full_env,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.client = httpx.Client(base_url=self.url, timeout=120)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-4000:]
-            try:
-                if self.client.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"not ready in {timeout}s:\n{self.log.read_text()[-4000:]}")
-
-    def wait_job(
-        self, job_id: str, timeout: float = 600, headers: dict[str, str] | None = None
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.client.get(f"/jobs/{job_id}", headers=headers).json()
-            if job["state"] in ("done", "failed"):
-                return dict(job)
-            time.sleep(0.3)
-        raise AssertionError(f"job {job_id} not done in {timeout}s")
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def photos(flickr_dir: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (flickr_dir / "captions.jsonl").open()]
@@ -143,10 +73,10 @@ def served(
     photos: list[dict[str, Any]],
     video_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Server]:
+) -> Iterator[ServeProcess]:
     """The shipped model serving 20 photos, their first captions, a video and a query bank."""
     tmp = tmp_path_factory.mktemp("page")
-    server = Server(tmp / "data", tmp / "serve.log")
+    server = ServeProcess(tmp / "data", tmp / "serve.log")
     try:
         server.wait_ready()
         rows, bank = photos[:N_PHOTOS], photos[-1]["bank"]
@@ -172,7 +102,7 @@ def served(
 
 
 @pytest.fixture()
-def page(browser: Any, served: Server) -> Iterator[Any]:
+def page(browser: Any, served: ServeProcess) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=served.url)
     pg = context.new_page()
     errors: list[str] = []
@@ -264,7 +194,7 @@ def test_qbnorm_switch(page: Any, photos: list[dict[str, Any]]) -> None:
 
 
 def test_url_loads_the_same_results(
-    page: Any, photos: list[dict[str, Any]], served: Server
+    page: Any, photos: list[dict[str, Any]], served: ServeProcess
 ) -> None:
     caption = photos[TARGET]["captions"][1]
     url = "/?" + urllib.parse.urlencode({"q": caption, "targets": "image"})
@@ -347,7 +277,7 @@ def _serve_bytes(route: Any, body: bytes, content_type: str) -> None:
 
 
 def test_video_with_a_url_plays_from_the_segment_start(
-    page: Any, served: Server, video_dir: Path
+    page: Any, served: ServeProcess, video_dir: Path
 ) -> None:
     """Originals are not kept; an item whose metadata has a ``url`` plays from there."""
     raw = (video_dir / "sample_demo_9.mp4").read_bytes()
@@ -394,7 +324,7 @@ def test_ingest_panel(
     page: Any,
     photos: list[dict[str, Any]],
     tmp_path: Path,
-    served: Server,
+    served: ServeProcess,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     new = photos[N_PHOTOS]  # a dev photo not indexed yet
@@ -451,7 +381,10 @@ def test_labels_and_focus_order(page: Any) -> None:
 
 
 def test_phone_width(
-    browser: Any, served: Server, photos: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+    browser: Any,
+    served: ServeProcess,
+    photos: list[dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     context = browser.new_context(
         viewport={"width": 390, "height": 844}, base_url=served.url, is_mobile=True, has_touch=True
@@ -473,7 +406,7 @@ def test_phone_width(
 def test_key_dialog_when_reads_need_a_key(
     browser: Any, tmp_path: Path, photos: list[dict[str, Any]]
 ) -> None:
-    server = Server(
+    server = ServeProcess(
         tmp_path / "data",
         tmp_path / "serve.log",
         XMODAL_MODEL__NAME="tiny-random",
