@@ -72,6 +72,18 @@ def start(worker: Worker) -> threading.Thread:
     return thread
 
 
+def run_until_done(worker: Worker, jobs: Any, job_id: str) -> None:
+    """Run ``worker`` in a thread until job ``job_id`` is done, then stop it (and check it
+    stopped)."""
+    thread = start(worker)
+    try:
+        assert wait_for(lambda: jobs.get(job_id).state == "done")
+    finally:
+        worker.stop()
+        thread.join(WAIT_S)
+    assert not thread.is_alive()
+
+
 def test_next_batch_decodes_while_one_encodes(backend: Any, tmp_path: Path, model: Any) -> None:  # noqa: F811
     queue, jobs, sink, galleries, applier = backend
     seen: dict[str, Any] = {}
@@ -96,13 +108,7 @@ def test_next_batch_decodes_while_one_encodes(backend: Any, tmp_path: Path, mode
     ]
     jobs.create("j", [i["id"] for i in items])
     queue.enqueue("j", items)
-    thread = start(worker)
-    try:
-        assert wait_for(lambda: jobs.get("j").state == "done")  # type: ignore[union-attr]
-    finally:
-        worker.stop()
-        thread.join(WAIT_S)
-    assert not thread.is_alive()
+    run_until_done(worker, jobs, "j")
     # the second batch was decoded (its bad item already failed) while the first encoded
     assert seen == {"ahead": True, "first_done": "encoding"}
     final = states(jobs, "j")
@@ -265,12 +271,7 @@ def test_unchanged_is_decided_after_the_batch_before_is_written(
     queue.enqueue("j1", [{"id": "a", "modality": "text", "text": "v2"}])
     jobs.create("j2", ["a"])
     queue.enqueue("j2", [{"id": "a", "modality": "text", "text": "v1"}])
-    thread = start(worker)
-    try:
-        assert wait_for(lambda: jobs.get("j2").state == "done")  # type: ignore[union-attr]
-    finally:
-        worker.stop()
-        thread.join(WAIT_S)
+    run_until_done(worker, jobs, "j2")
     if applier is not None:
         applier.catch_up()
     record = galleries["text"].get("a")
@@ -350,13 +351,7 @@ def test_next_batch_encodes_while_one_is_written_and_the_last_write_wins(
             {"id": "c", "modality": "text", "text": "a cat"},
         ],
     )
-    thread = start(worker)
-    try:
-        assert wait_for(lambda: jobs.get("j2").state == "done")  # type: ignore[union-attr]
-    finally:
-        worker.stop()
-        thread.join(WAIT_S)
-    assert not thread.is_alive()
+    run_until_done(worker, jobs, "j2")
     assert held.released_in_time is True  # batch 2 encoded while batch 1 was being written
     assert held.writes == 2 and counting.calls == 2  # "a" of batch 2 was encoded, not skipped
     assert states(jobs, "j1") == {"a": ("indexed", None), "b": ("indexed", None)}
