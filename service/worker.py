@@ -129,9 +129,9 @@ class _Decoded:
     video_chunks: list[list[_Work]] = field(default_factory=list)  # chunk 0 decoded already
 
 
-def _ids_of(batch: _Decoded) -> list[str]:
-    """The item ids a decoded batch will write."""
-    return [w.item_id for w in batch.work] + [w.item_id for c in batch.video_chunks for w in c]
+def _all_work(batch: _Decoded) -> list[_Work]:
+    """Every item of a decoded batch: texts and images, then each video chunk's."""
+    return batch.work + [w for c in batch.video_chunks for w in c]
 
 
 @dataclass
@@ -365,7 +365,7 @@ class Worker:
         previous = self._writing
         encoded = self._encode_fresh(batch.fresh)
         self._writing = self._writer.submit(self._write_observed, batch.fresh, *encoded)
-        self._writing_ids = frozenset(_ids_of(batch.fresh))
+        self._writing_ids = frozenset(w.item_id for w in _all_work(batch.fresh))
         if previous is not None:
             previous.result()
 
@@ -461,9 +461,9 @@ class Worker:
     def _encode_fresh(self, batch: _Decoded) -> tuple[dict[str, list[Record]], list[_Work]]:
         """Settle unchanged content (marked ``indexed`` with the batch), encode the rest."""
         report, updates, done = batch.report, batch.updates, batch.done
-        unchanged = self._unchanged(batch.work + [w for c in batch.video_chunks for w in c])
+        unchanged = self._unchanged(_all_work(batch))
         if unchanged:
-            for w in batch.work + [w for c in batch.video_chunks for w in c]:
+            for w in _all_work(batch):
                 if w.item_id in unchanged:
                     updates.append(ItemUpdate(w.msg.job_id, w.item_id, "indexed"))
                     done.append(w.msg)
