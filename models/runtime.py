@@ -164,8 +164,8 @@ class _ShardedSession:
     Why: an intra-op parallel section waits for its slowest thread, so each time the OS lends
     one of its cores to other work (the ingest route's decoding, thumbnails) the other thread
     spins idle. Shards share nothing until they are joined: on 2 cores beside a photo-decoding
-    thread the shards encoded 48.7 img/s against 41.8 for one 2-thread run, and 57.0 against
-    55.7 idle (docs/BENCHMARKS.md, "Data-parallel shards"). Rows are independent, so the
+    thread the shards encoded 46.9 img/s against 40.1 for one 2-thread run, and 57.2 against
+    55.9 idle (docs/BENCHMARKS.md, "Issue #12, third pass"). Rows are independent, so the
     output is the row-wise concatenation of the shards' outputs (in order)."""
 
     def __init__(self, path: Path, threads: int, options: Any) -> None:

@@ -50,8 +50,8 @@ def single_thread_blas() -> None:
     The service's own BLAS work is small (a QB-Norm update is a 5000 x 384 by 384 x 32
     matmul per ingest batch), but OpenBLAS hands it to a pool whose threads then spin for
     ~0.1 s waiting for more, on the cores the encoder's threads need: during a 300-photo
-    ingest on 2 cores that pool's spinning took 0.55-0.7 s of CPU (docs/BENCHMARKS.md,
-    "Ingest, third pass")."""
+    ingest on 2 cores that pool's spinning took 0.55-0.75 s of CPU (docs/BENCHMARKS.md,
+    "Issue #12, third pass")."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")  # kept: the limit lasts for the process
