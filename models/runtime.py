@@ -223,6 +223,11 @@ class OnnxRuntimeEncoder:
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Workers spin while a Run is on (its many small ops hand off faster than a wake-up),
+        # but not after it: by default they spin on for ~65 ms, a core's worth of CPU after
+        # every query that the event loop, the search, a decoding thread or the next client
+        # would otherwise get (docs/BENCHMARKS.md, "Issue #12, fourth pass").
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         self.image = _ShardedSession(self.folder / IMAGE_GRAPH, threads, options)
         self.text = _ShardedSession(self.folder / TEXT_GRAPH, threads, options)
 
