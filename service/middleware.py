@@ -116,12 +116,16 @@ class EdgeMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._flat: tuple[int, list[Any]] = (-1, [])  # (routes seen, flattened), per app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        routes = _flat_routes(getattr(getattr(scope.get("app"), "router", None), "routes", []))
+        top = getattr(getattr(scope.get("app"), "router", None), "routes", [])
+        if self._flat[0] != len(top):  # flattened again only when a route was added
+            self._flat = (len(top), _flat_routes(top))
+        routes = self._flat[1]
         full = None
         allowed: set[str] = set()
         for route in routes:
