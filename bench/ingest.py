@@ -26,7 +26,6 @@ import argparse
 import base64
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from served import FLICKR, REPO, VIDEOS, Server, dev_rows, emit  # noqa: E402
+from served import FLICKR, REPO, VIDEOS, Server, cpu_seconds, dev_rows, emit  # noqa: E402
 
 from service import media  # noqa: E402
 from service.loading import load_serving_model  # noqa: E402
@@ -74,18 +73,6 @@ def ingest(url: str, items: list[dict[str, Any]], post_batch: int) -> float:
         seconds = time.perf_counter() - t0
         client.get(f"/items/{items[-1]['id']}").raise_for_status()  # searchable
     return seconds
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time (user + system, all threads) of process ``pid`` (None: this one) so far.
-
-    Beside the wall clock, which a shared machine's load moves by tens of percent, the CPU
-    seconds each side spends per photo say what it costs; on a loaded machine they are the
-    steadier comparison (ONNX Runtime's spinning threads count on both sides alike)."""
-    if pid is None:
-        return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bare_images(model: Any, raws: list[bytes], batch: int, settings: IngestSettings) -> float:

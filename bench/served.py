@@ -39,6 +39,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of process ``pid`` (None: this one) so far.
+
+    Beside the wall clock, which a shared machine's load moves by tens of percent, the CPU
+    seconds each side spends per photo say what it costs; on a loaded machine they are the
+    steadier comparison (ONNX Runtime's spinning threads count on both sides alike)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def dev_rows(data: Path, split: str = "dev") -> list[dict]:
     """Rows of ``captions.jsonl`` in ``split`` (all rows when the split is absent)."""
     rows = [json.loads(line) for line in (data / "captions.jsonl").open()]
