@@ -461,9 +461,10 @@ class Worker:
     def _encode_fresh(self, batch: _Decoded) -> tuple[dict[str, list[Record]], list[_Work]]:
         """Settle unchanged content (marked ``indexed`` with the batch), encode the rest."""
         report, updates, done = batch.report, batch.updates, batch.done
-        unchanged = self._unchanged(_all_work(batch))
+        every = _all_work(batch)
+        unchanged = self._unchanged(every)
         if unchanged:
-            for w in _all_work(batch):
+            for w in every:
                 if w.item_id in unchanged:
                     updates.append(ItemUpdate(w.msg.job_id, w.item_id, "indexed"))
                     done.append(w.msg)
