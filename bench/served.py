@@ -43,8 +43,8 @@ def cpu_seconds(pid: int | None = None) -> float:
     """CPU time (user + system, all threads) of process ``pid`` (None: this one) so far.
 
     Beside the wall clock, which a shared machine's load moves by tens of percent, the CPU
-    seconds each side spends per photo say what it costs; on a loaded machine they are the
-    steadier comparison (ONNX Runtime's spinning threads count on both sides alike)."""
+    seconds a side spends per photo or per search say what it costs: the steadier comparison
+    on a loaded machine, and one that counts a thread spinning idle, which a wall clock hides."""
     if pid is None:
         return time.process_time()
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
